@@ -1,0 +1,36 @@
+"""Transformer layer specs: transformer-engine where it can run, megatron-core local modules elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from nemo_dpo.models.nlp.gpt.attention import SDPACoreAttention
+
+
+def transformer_engine_usable() -> bool:
+    """transformer-engine needs both the package and a CUDA device."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def gpt_layer_spec(normalization: str, use_transformer_engine: bool | None = None) -> ModuleSpec:
+    """The layer spec for a GPT decoder layer.
+
+    ``use_transformer_engine=None`` picks transformer-engine when it is usable.
+    The local spec swaps megatron's CUDA-only ``DotProductAttention`` for
+    :class:`SDPACoreAttention` so the same spec runs on CPU and GPU.
+    """
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_usable()
+    if use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec

@@ -1,0 +1,111 @@
+"""AdamW over megatron DDP gradient buffers, with gradient clipping aware of TP and PP.
+
+megatron-core's own optimizer assumes CUDA tensors (its clipping checks
+``grad.type() == 'torch.cuda.FloatTensor'``), so this is a torch optimizer that
+reads the fp32 ``main_grad`` buffers DDP reduces into and computes the global
+gradient norm over the model-parallel group, counting every parameter once.
+It keeps megatron's step contract: ``step()`` returns
+``(update_successful, grad_norm, num_zeros_in_grad)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+
+def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    # Biases and norm gains are not decayed (megatron and NeMo do the same).
+    return param.ndim == 1 or name.endswith(".bias")
+
+
+class DistributedAdamW:
+    """``torch.optim.AdamW`` for a list of DDP-wrapped megatron chunks (fp32 parameters)."""
+
+    def __init__(
+        self,
+        model_chunks,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip_grad: float = 0.0,
+    ):
+        decay, no_decay = [], []
+        for chunk in model_chunks:
+            for name, param in chunk.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if param.dtype != torch.float32:
+                    raise ValueError(
+                        f"DistributedAdamW keeps no fp32 master copy; parameter {name} is "
+                        f"{param.dtype}. Train in fp32 (model.precision=32)."
+                    )
+                (no_decay if _no_weight_decay(name, param) else decay).append(param)
+        self.params = decay + no_decay
+        self.clip_grad = clip_grad
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+        )
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float, None]:
+        """Clip by the global norm, then update; a non-finite norm skips the update."""
+        for param in self.params:
+            param.grad = param.main_grad
+        grad_norm = global_grad_norm(self.params)
+        if not math.isfinite(grad_norm):
+            self.zero_grad()
+            return False, grad_norm, None
+        if self.clip_grad > 0 and grad_norm > self.clip_grad:
+            scale = self.clip_grad / (grad_norm + 1e-6)
+            for param in self.params:
+                param.grad.mul_(scale)
+        self.optimizer.step()
+        self.zero_grad()
+        return True, grad_norm, None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+def global_grad_norm(params) -> float:
+    """L2 norm of the whole model's gradient, identical on every rank.
+
+    Each rank sums squares of the gradients it owns; parameters replicated across
+    tensor-parallel ranks and the pipeline's copy of tied embeddings are counted
+    once, then the sum is reduced over the model-parallel (TP x PP) group. The
+    gradients are already averaged over data parallelism.
+    """
+    local = torch.zeros((), dtype=torch.float32)
+    for param in params:
+        if param.grad is None:
+            continue
+        if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
+            local += param.grad.detach().float().pow(2).sum().to(local.device)
+    if parallel_state.model_parallel_is_initialized():
+        local = local.to(params[0].device)
+        dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
+    return local.sqrt().item()

@@ -1,0 +1,1 @@
+"""Process groups, CPU/gloo compatibility and vocab-parallel log-probs."""

@@ -1,0 +1,86 @@
+"""Lets megatron-core's CUDA-only code paths run on CPU with the gloo backend.
+
+megatron-core hard-codes CUDA in code that is otherwise device-agnostic. The places
+this module exists for (checked against megatron-core 0.16.1):
+
+* ``pipeline_parallel/schedules.py`` allocates ``torch.zeros([], device="cuda")``
+  for token counts in every schedule.
+* ``pipeline_parallel/p2p_communication.py`` allocates receive buffers with
+  ``device=torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()``
+  after every exchange.
+* ``distributed/param_and_grad_buffer.py`` (its DDP) allocates the contiguous
+  parameter and gradient buffers with ``device=torch.cuda.current_device()``.
+* ``models/common/embeddings/rotary_pos_embedding.py`` builds inverse
+  frequencies on ``torch.cuda.current_device()``.
+
+On a machine without CUDA, :func:`enable_cpu_compat` installs, process-wide:
+
+* a :class:`torch.overrides.TorchFunctionMode` that rewrites any CUDA device
+  argument (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")`` or a bare device
+  index) to ``"cpu"`` and turns ``Tensor.cuda()`` into a no-op;
+* ``torch.cuda.current_device`` returning 0 (an index the mode maps to CPU) and
+  no-op ``torch.cuda.synchronize``.
+
+Nothing is patched when CUDA is available: on GPU the same calls reach the real
+CUDA runtime. The megatron optimizer is *not* covered (its grad clipping checks
+``grad.type() == 'torch.cuda.FloatTensor'``); see :mod:`nemo_dpo.optim`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _current_device_index() -> int:
+    return 0
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU shim when CUDA is absent; idempotent. Returns whether it is active."""
+    global _MODE
+    if torch.cuda.is_available():
+        return False
+    if _MODE is None:
+        torch.cuda.current_device = _current_device_index
+        torch.cuda.synchronize = _noop
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
+    return True
+
+
+def cpu_compat_active() -> bool:
+    """Whether :func:`enable_cpu_compat` has installed the shim in this process."""
+    return _MODE is not None

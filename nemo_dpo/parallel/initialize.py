@@ -1,0 +1,118 @@
+"""Distributed start-up in one place: process group, megatron-core parallel state, seeds.
+
+The same calls serve a single process, ``torchrun`` with gloo on CPU and
+``torchrun`` with NCCL on GPU: the backend and device follow from whether CUDA is
+available, and every CUDA-only corner of megatron-core is covered by
+:mod:`nemo_dpo.parallel.cpu_compat`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from nemo_dpo.parallel.cpu_compat import enable_cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Sizes of the tensor, pipeline and data parallel dimensions of one run."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size})"
+            )
+        return world_size // model_parallel
+
+
+def accelerator_device() -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed: NCCL on GPU, gloo on CPU.
+
+    Without torchrun's environment variables this becomes a one-process group, so
+    scripts and tests run unchanged as a plain ``python`` process.
+    """
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """Start torch.distributed and megatron-core's TP/PP/DP groups, then seed every RNG."""
+    enable_cpu_compat()
+    init_process_group()
+    layout.data_parallel_size(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch identically on every rank.
+
+    Weight initialisation does not depend on these (see
+    :func:`nemo_dpo.models.nlp.gpt.init.initialize_weights`), so the layout never
+    changes the initial weights; dropout streams use megatron's tracker.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and torch.distributed (for tests and clean exits)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

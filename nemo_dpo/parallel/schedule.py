@@ -1,0 +1,71 @@
+"""Data-parallel wrapping and one entry point to megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def wrap_data_parallel(model_chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
+    """Wrap chunks in megatron-core DDP (fp32 gradient buffers, reduced at the end of a step).
+
+    Gradients accumulate over micro-batches in ``param.main_grad`` and are
+    averaged over the data-parallel group by ``finalize_model_grads`` when the
+    schedule finishes; embeddings tied across pipeline stages are summed there too.
+    """
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=False,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Buckets would only matter with overlapped reduction.
+            disable_bucketing=True,
+        )
+        for chunk in model_chunks
+    ]
+    config = wrapped[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [chunk.no_sync for chunk in wrapped]
+    if len(wrapped) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    return wrapped
+
+
+def forward_backward(
+    model_chunks: list[torch.nn.Module],
+    forward_step_func: Callable,
+    data_iterator: Iterator | list[Iterator],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool,
+) -> list:
+    """Run one global batch through the pipeline schedule for this layout.
+
+    ``seq_length`` is the length every micro-batch is padded to: pipeline stages
+    exchange activations of a fixed ``[seq_length, micro_batch_size, hidden]``
+    shape. Returns, on the last pipeline stage, what ``forward_step_func``'s loss
+    function reported for each micro-batch (an empty list elsewhere).
+    """
+    schedule = get_forward_backward_func()
+    return schedule(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
