@@ -22,8 +22,14 @@ def _worker(rank: int, tasks, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # orphaned: the test session is gone
+                return
+            continue
         if task is None:
             return
         task_id, port, world_size, fn, args = task
@@ -57,7 +63,8 @@ class DistributedPool:
         self._results = self._ctx.Queue()
         self._tasks = [self._ctx.Queue() for _ in range(self.size)]
         self._procs = [
-            self._ctx.Process(target=_worker, args=(rank, self._tasks[rank], self._results), daemon=True)
+            # Not daemonic: megatron's checkpoint writer starts processes of its own.
+            self._ctx.Process(target=_worker, args=(rank, self._tasks[rank], self._results))
             for rank in range(self.size)
         ]
         for proc in self._procs:

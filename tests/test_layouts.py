@@ -30,13 +30,19 @@ def assemble(results: list[dict]) -> dict:
     last = sorted((r for r in results if r["last_stage"] and r["tp"] == 0), key=lambda r: r["dp"])
     logits = torch.cat([o["logits"] for r in last for o in r["outputs"]])
     logprobs = torch.cat([o["logprobs"] for r in last for o in r["outputs"]])
+    return dict(logits=logits, logprobs=logprobs, weights=assemble_weights(results),
+                grad_norm=results[0]["grad_norm"])
+
+
+def assemble_weights(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full tensors by checkpoint key, put together from every rank's shards."""
     weights: dict[str, torch.Tensor] = {}
     for r in results:
         for key, shape, offset, skip, values in r["shards"]:
             full = weights.setdefault(key, torch.full(shape, float("nan")))
             index = tuple(slice(o, o + n) for o, n in zip(offset[skip:], values.shape))
             full[(*offset[:skip], *index)] = values
-    return dict(logits=logits, logprobs=logprobs, weights=weights, grad_norm=results[0]["grad_norm"])
+    return weights
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
