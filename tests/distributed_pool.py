@@ -88,8 +88,8 @@ class DistributedPool:
             if got_id != task_id:
                 continue
             if not ok:
-                # Surviving ranks may be stuck in a collective: start afresh.
-                self.restart()
+                if world_size > 1:  # surviving ranks may be stuck in a collective
+                    self.restart()
                 raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{value}")
             outputs[rank] = value
         return [outputs[rank] for rank in range(world_size)]

@@ -59,9 +59,10 @@ def token_logprob_step(vocab_size: int):
 
 
 def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
-                           tokens: torch.Tensor, micro_batch_size: int, lr: float) -> dict:
+                           tokens: torch.Tensor, micro_batch_size: int, lr: float,
+                           vpp: int | None = None) -> dict:
     """Forward a global batch, then take one AdamW step; report outputs and new weights."""
-    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    initialize_parallel(ParallelLayout(tp, pp, vpp), seed=0)
     cfg = OmegaConf.create(model_cfg)
     chunks = wrap_data_parallel(build_gpt_model(cfg, vocab_size))
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -70,8 +71,10 @@ def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
     step = token_logprob_step(vocab_size)
 
     def run(forward_only: bool):
+        # Interleaved schedules take one iterator per model chunk.
+        data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
         return forward_backward(
-            chunks, step, iter(micro_batches), len(micro_batches),
+            chunks, step, data, len(micro_batches),
             seq_length=tokens.shape[1] - 1, micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )

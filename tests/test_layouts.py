@@ -72,6 +72,18 @@ def test_layout_matches_single_process(dist_pool, reference, tp, pp, world):
         torch.testing.assert_close(actual, weight, atol=1e-5, rtol=0, msg=key)
 
 
+def test_virtual_pipeline_matches_single_process(dist_pool, reference):
+    """PP=2 with two virtual stages per rank (interleaved 1F1B), one layer per chunk."""
+    name, tokens, expected = reference
+    tokens = tokens.repeat(2, 1)  # the interleaved schedule wants microbatches % PP == 0 and >= PP
+    expected = assemble(dist_pool.run(1, forward_and_train_step, 1, 1, MODELS[name], VOCAB, tokens, 2, 1e-2))
+    got = assemble(dist_pool.run(2, forward_and_train_step, 1, 2, MODELS[name], VOCAB, tokens, 2, 1e-2, 2))
+    torch.testing.assert_close(got["logprobs"], expected["logprobs"], atol=1e-5, rtol=0)
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    for key, weight in expected["weights"].items():
+        torch.testing.assert_close(got["weights"][key], weight, atol=1e-5, rtol=0, msg=key)
+
+
 def test_single_process_step_changes_weights_and_is_finite(reference):
     name, tokens, expected = reference
     assert torch.isfinite(expected["logits"]).all()

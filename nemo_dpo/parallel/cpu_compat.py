@@ -60,6 +60,29 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def transformer_config_overrides() -> dict:
+    """``TransformerConfig`` settings the CPU needs; empty on GPU.
+
+    * Fusions that exist only as CUDA kernels are turned off.
+    * ``batch_p2p_comm=False``: the interleaved pipeline schedule posts a send to
+      the previous and a send to the next stage in one batch; at PP=2 both peers
+      are the same rank, and gloo matches same-tag messages in posting order, so
+      batched exchanges can deliver a gradient where an activation is expected.
+      Unbatched exchanges are ordered by rank parity and match up.
+    """
+    if torch.cuda.is_available():
+        return {}
+    return dict(
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        batch_p2p_comm=False,
+    )
+
+
 def _noop(*args, **kwargs):
     return None
 

@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel.layers import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.models.nlp.gpt.init import initialize_weights
+from nemo_dpo.parallel.cpu_compat import transformer_config_overrides
 from nemo_dpo.models.nlp.gpt.layer_specs import gpt_layer_spec
 
 _NORMALIZATIONS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
@@ -51,10 +52,9 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
     activation, gated = _ACTIVATIONS[_choice(cfg, "activation", "gelu", _ACTIVATIONS)]
     dtype = _DTYPES[_choice(cfg, "precision", 32, _DTYPES)]
     bias = bool(cfg.get("bias", True))
-    on_gpu = torch.cuda.is_available()
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
-    return TransformerConfig(
+    settings = dict(
         num_layers=cfg.num_layers,
         hidden_size=hidden,
         ffn_hidden_size=cfg.get("ffn_hidden_size") or 4 * hidden,
@@ -78,17 +78,16 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
-        # CPU initialisation is layout independent; weights are re-drawn anyway.
+        # Weights are drawn by initialize_weights, layout-independently.
         use_cpu_initialization=True,
         perform_initialization=False,
-        # Fusions below need CUDA kernels; on CPU they must be off.
-        bias_activation_fusion=on_gpu and bias and not gated,
+        bias_activation_fusion=bias and not gated,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
-        bias_dropout_fusion=on_gpu,
     )
+    settings.update(transformer_config_overrides())
+    return TransformerConfig(**settings)
 
 
 def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTModel]:
