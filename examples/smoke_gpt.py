@@ -32,7 +32,7 @@ def main() -> None:
         position_embedding_type="rope", bias=False, share_embeddings_and_output_weights=False,
     ))
     chunks = wrap_data_parallel(build_gpt_model(cfg, vocab))
-    optimizer = DistributedAdamW(chunks, lr=3e-3, clip_grad=1.0)
+    optimizer = DistributedAdamW(chunks, lr=3e-3)
     # A learnable stream: each token is the previous one plus one.
     gen = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
 
@@ -53,7 +53,7 @@ def main() -> None:
         for chunk in chunks:
             chunk.zero_grad_buffer()
         reports = forward_backward(chunks, forward_step, iter(tokens.split(micro)), 2, seq, micro, False)
-        _, grad_norm, _ = optimizer.step()
+        _, grad_norm, _ = optimizer.step(clip_grad=1.0)
         if reports and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
             loss = torch.stack([r["loss"] for r in reports]).mean().item()
             print(f"step {step}: loss {loss:.4f} grad_norm {grad_norm:.4f}", flush=True)

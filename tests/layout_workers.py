@@ -84,9 +84,9 @@ def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
     # Adam's first update is ~lr * sign(g) wherever |g| >> eps, which hides the
     # gradient's magnitude and amplifies round-off where |g| ~ eps; a large eps
     # keeps the update proportional to the gradient so the test compares both.
-    optimizer = DistributedAdamW(chunks, lr=lr, weight_decay=0.1, eps=1e-3, clip_grad=1.0)
+    optimizer = DistributedAdamW(chunks, lr=lr, weight_decay=0.1, eps=1e-3)
     for chunk in chunks:
         chunk.zero_grad_buffer()
     run(forward_only=False)
-    _, grad_norm, _ = optimizer.step()
+    _, grad_norm, _ = optimizer.step(clip_grad=1.0)
     return dict(rank_coordinates(), outputs=outputs, grad_norm=grad_norm, shards=weight_shards(chunks))

@@ -34,7 +34,6 @@ class DistributedAdamW:
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        clip_grad: float = 0.0,
     ):
         decay, no_decay = [], []
         for chunk in model_chunks:
@@ -48,7 +47,6 @@ class DistributedAdamW:
                     )
                 (no_decay if _no_weight_decay(name, param) else decay).append(param)
         self.params = decay + no_decay
-        self.clip_grad = clip_grad
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": weight_decay},
@@ -68,16 +66,19 @@ class DistributedAdamW:
             param.grad = None
 
     @torch.no_grad()
-    def step(self) -> tuple[bool, float, None]:
-        """Clip by the global norm, then update; a non-finite norm skips the update."""
+    def step(self, clip_grad: float = 0.0) -> tuple[bool, float, None]:
+        """Clip to global norm ``clip_grad`` (0: no clipping), then update.
+
+        A non-finite gradient norm skips the update and reports ``False``.
+        """
         for param in self.params:
             param.grad = param.main_grad
         grad_norm = global_grad_norm(self.params)
         if not math.isfinite(grad_norm):
             self.zero_grad()
             return False, grad_norm, None
-        if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            scale = self.clip_grad / (grad_norm + 1e-6)
+        if clip_grad > 0 and grad_norm > clip_grad:
+            scale = clip_grad / (grad_norm + 1e-6)
             for param in self.params:
                 param.grad.mul_(scale)
         self.optimizer.step()

@@ -1,0 +1,239 @@
+"""DPOTrainer: the DPO training loop (epochs, validation, checkpoints), with NeMo Aligner's API."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from nemo_dpo.data.collate import dpo_custom_collate
+from nemo_dpo.parallel.initialize import accelerator_device
+
+__all__ = ["DPOTrainer", "dpo_custom_collate", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+
+
+class DistributedCollateFunction(Protocol):
+    def __call__(self, batch: list[dict], **kwargs: Any) -> dict[str, torch.Tensor]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN or infinite loss or gradient norm."""
+
+
+def _limit_batches(num_batches: int, limit) -> int:
+    """``limit_*_batches``: an int caps the count, a float in [0, 1] takes that fraction."""
+    if isinstance(limit, float):
+        if not 0.0 <= limit <= 1.0:
+            raise ValueError(f"a fractional batch limit must lie in [0, 1], got {limit}")
+        return int(num_batches * limit)
+    return min(num_batches, int(limit))
+
+
+def _drop_sampler_padding(batch: dict) -> dict:
+    """Remove the pairs a validation sampler added to fill its last global batch.
+
+    They are never computed, so they cannot leak into a loss or metric.
+    """
+    mask = batch.get("sample_mask")
+    if mask is None or bool(mask.all()):
+        return batch
+    keep = mask > 0
+    pairs = mask.shape[0]
+    return {key: value[keep] if torch.is_tensor(value) and value.shape[:1] == (pairs,) else value
+            for key, value in batch.items()}
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class DPOTrainer:
+    """Coordinates DPO training of a :class:`MegatronGPTDPOModel`.
+
+    ``cfg`` is ``trainer.dpo``: ``max_epochs``, ``max_steps``, ``val_check_interval``
+    (steps, or a float fraction of an epoch), ``save_interval``,
+    ``limit_train_batches``, ``limit_val_batches``, ``gradient_clip_val``.
+    Dataloaders yield lists of dataset items; ``collate_fn`` turns one global
+    batch into tensors and ``augment_dataloader`` adds the reference log-probs.
+    """
+
+    def __init__(self, cfg, model, optimizer, scheduler, train_dataloader, val_dataloader,
+                 test_dataloader, collate_fn: DistributedCollateFunction, logger, ckpt_callback, run_timer):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_dataloader = train_dataloader
+        self.val_dataloader = val_dataloader
+        self.test_dataloader = test_dataloader
+        self.collate_fn = collate_fn
+        self.logger = logger
+        self.ckpt_callback = ckpt_callback
+        self.run_timer = run_timer
+        self.step = 0
+        self.consumed_samples = 0
+        self.num_steps_per_epoch = _limit_batches(
+            len(train_dataloader.batch_sampler), cfg.get("limit_train_batches", 1.0)
+        )
+        if self.num_steps_per_epoch <= 0:
+            raise ValueError("the training data gives no step per epoch (check global_batch_size and limit_train_batches)")
+        self.limit_val_batches = _limit_batches(len(val_dataloader), cfg.get("limit_val_batches", 1.0))
+        interval = cfg.get("val_check_interval", 1.0)
+        self.val_check_interval = (
+            max(int(interval * self.num_steps_per_epoch), 1) if isinstance(interval, float) else int(interval)
+        )
+        self.set_max_steps()
+
+    # ------------------------------------------------------------------ steps
+    def train_single_step(self, global_batch: dict) -> tuple[float, dict]:
+        """Forward, backward and optimizer step on one global batch."""
+        self.optimizer.zero_grad()
+        self.model.prepare_for_training_step()
+        loss, metrics = self.model.get_loss_and_metrics(batch=global_batch, forward_only=False)
+        self.model.finish_training_step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        success, grad_norm, _ = self.optimizer.step(clip_grad=self.cfg.get("gradient_clip_val", 0.0))
+        if not (success and math.isfinite(loss)):
+            raise NonFiniteLossError(
+                f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                "the weights were not updated and the last saved checkpoint is intact"
+            )
+        self.scheduler.step()
+        return loss, {**metrics, "grad_norm": grad_norm, "lr": lr, "loss": loss}
+
+    def validation_step(self, global_batch: dict) -> tuple[float, dict]:
+        self.model.prepare_for_validation_step()
+        loss, metrics = self.model.get_loss_and_metrics(batch=global_batch, forward_only=True)
+        self.model.finish_validation_step()
+        return loss, metrics
+
+    @torch.no_grad()
+    def run_validation(self) -> tuple[float, dict]:
+        """Loss and metrics over ``limit_val_batches`` validation batches, weighted by pairs."""
+        totals: dict[str, float] = defaultdict(float)
+        pairs_seen = 0
+        progress = tqdm(
+            zip(range(self.limit_val_batches), self.augment_dataloader(self.val_dataloader)),
+            total=self.limit_val_batches, desc="Validation steps", leave=False, disable=not _is_rank0(),
+        )
+        for _, batch in progress:
+            start = time.perf_counter()
+            _, metrics = self.validation_step(batch)
+            pairs = self._global_pairs(batch)
+            metrics["validation_step_time"] = time.perf_counter() - start
+            for key, value in metrics.items():
+                totals[key] += value * pairs
+            pairs_seen += pairs
+            progress.set_postfix({f"val_{k}": f"{v:.4g}" for k, v in metrics.items()})
+        val_metrics = {key: value / max(pairs_seen, 1) for key, value in totals.items()}
+        return val_metrics.get("loss", float("nan")), val_metrics
+
+    @staticmethod
+    def _global_pairs(batch: dict) -> int:
+        count = torch.tensor([float(batch["chosen"].shape[0])])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            count = count.to(accelerator_device())
+            dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+        return int(count.item())
+
+    # ------------------------------------------------------------------- loop
+    def fit(self) -> None:
+        """Train for ``max_epochs`` / ``max_steps``, validating and saving on schedule."""
+        if self.epoch >= self.cfg.max_epochs or self.step >= self.max_steps:
+            return
+        self.run_timer.start_time()
+        for _ in range(self.epoch, self.cfg.max_epochs):
+            steps_left = min(self.max_steps - self.step, self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
+            if steps_left <= 0:
+                break
+            progress = tqdm(
+                self.augment_dataloader(self.train_dataloader), initial=self.step, total=self.max_steps,
+                desc="Training steps", leave=True, disable=not _is_rank0(),
+            )
+            for _, global_batch in zip(range(steps_left), progress):
+                start = time.perf_counter()
+                _, metrics = self.train_single_step(global_batch)
+                self.consumed_samples += self.model.cfg.global_batch_size
+                metrics.update(
+                    consumed_samples=self.consumed_samples,
+                    step_time=time.perf_counter() - start,
+                    epoch=self.epoch + 1,
+                )
+                self.step += 1
+                self.logger.log_metrics(metrics, step=self.step, prefix="train/")
+                if self._finish_step(metrics, progress):
+                    return
+        self.logger.finalize()
+
+    def _finish_step(self, metrics: dict, progress) -> bool:
+        """Validate and save as scheduled; True when the run must stop now (time limit)."""
+        time_up = self.run_timer.is_finished()
+        is_train_end = self.step >= self.max_steps
+        validate = self.limit_val_batches > 0 and self.val_check_interval > 0 and (
+            self.step % self.val_check_interval == 0 or is_train_end or time_up
+        )
+        save_interval = self.cfg.get("save_interval", 0)
+        save = self.ckpt_callback is not None and (
+            (save_interval > 0 and self.step % save_interval == 0) or is_train_end or time_up
+        )
+        shown = {f"train_{k}": v for k, v in metrics.items()}
+        if validate:
+            _, val_metrics = self.run_validation()
+            self.logger.log_metrics(val_metrics, step=self.step, prefix="val/")
+            shown.update({f"val_{k}": v for k, v in val_metrics.items()})
+        progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in _PROGRESS_KEYS})
+        if save:
+            self.save(shown, is_train_end=is_train_end or time_up)
+        if time_up:
+            log.info("time limit reached at step %d: stopping after saving", self.step)
+            self.logger.finalize()
+        return time_up
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, extra_candidates: dict | None = None, is_train_end: bool = False) -> None:
+        """Hand the trainer state and metrics to ``ckpt_callback`` (collective)."""
+        if dist.is_initialized():
+            dist.barrier()
+        candidates = {**self.state_dict(), **(extra_candidates or {})}
+        self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
+
+    def set_max_steps(self) -> None:
+        self.max_steps = self.num_steps_per_epoch * self.cfg.max_epochs
+        max_steps = self.cfg.get("max_steps", -1)
+        if max_steps is not None and max_steps >= 0:
+            self.max_steps = min(self.max_steps, max_steps)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict["step"])
+        self.consumed_samples = int(state_dict["consumed_samples"])
+        self.set_max_steps()
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.num_steps_per_epoch
+
+    # ------------------------------------------------------------------- data
+    def augment_dataloader(self, dataloader):
+        """Collate each global batch, drop sampler padding, add the reference per-token log-probs."""
+        for items in dataloader:
+            batch = _drop_sampler_padding(self.collate_fn(items))
+            logprobs = self.model.get_ref_policy_logprobs(batch)
+            chosen, rejected = torch.split(logprobs, len(logprobs) // 2, dim=0)
+            batch["ref_policy_log_probs_chosen"] = chosen
+            batch["ref_policy_log_probs_rejected"] = rejected
+            yield batch
+
+
+_PROGRESS_KEYS = ("train_loss", "train_acc", "train_grad_norm", "train_lr", "val_loss", "val_acc")

@@ -1,0 +1,294 @@
+"""MegatronGPTDPOModel: preference batches -> megatron-core forward/backward -> loss and metrics.
+
+Mirrors NeMo Aligner's class of the same name. A micro-batch of ``B`` pairs is
+one forward of ``2B`` rows (all chosen, then all rejected). Per-token log-probs
+come from the vocab-parallel, fp32, numerically stable log-softmax, once per
+forward; the preference loss is a pure function of their masked per-sequence
+sums (or means). The reference policy is a frozen CPU copy of the initial
+weights swapped into the same modules, so policy and reference log-probs share
+one code path and are bitwise equal at step 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from nemo_dpo.losses import (
+    get_preference_loss,
+    masked_sequence_logprobs,
+    preference_metrics,
+    split_chosen_rejected,
+)
+from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+from nemo_dpo.parallel.initialize import accelerator_device
+from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
+from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
+
+_REF_KEYS = ("ref_policy_log_probs_chosen", "ref_policy_log_probs_rejected")
+
+
+def _split_rows(batch: dict, start: int, stop: int) -> dict:
+    return {key: value[start:stop] for key, value in batch.items() if torch.is_tensor(value)}
+
+
+def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
+    return torch.cat((batch[chosen_key], batch[rejected_key]), dim=0)
+
+
+class MegatronGPTDPOModel:
+    """A megatron-core GPT policy trained with a DPO-family loss.
+
+    Args:
+        cfg: the ``model`` config (NeMo Aligner layout): architecture keys,
+            ``micro_batch_size``, ``global_batch_size``, ``dpo.*``.
+        vocab_size: the tokenizer's vocabulary size.
+        model_chunks: already built (e.g. imported) chunks; built from ``cfg`` if None.
+    """
+
+    def __init__(self, cfg, vocab_size: int, model_chunks=None):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        dpo = cfg.dpo
+        self.ref_policy_kl_penalty = dpo.get("ref_policy_kl_penalty", 0.2)
+        self.preference_avg_log_probs = dpo.get("preference_average_log_probs", False)
+        self.sft_avg_log_probs = dpo.get("sft_average_log_probs", self.preference_avg_log_probs)
+        self.preference_loss_weight = dpo.get("preference_loss_weight", 1.0)
+        self.sft_loss_weight = dpo.get("sft_loss_weight", 0.0)
+        self.gt_reward_scale = dpo.get("gt_reward_scale", 1.0)
+        self.preference_loss = dpo.get("preference_loss", "dpo")
+        # Fails at start-up, listing the valid names, for an unknown loss.
+        self.preference_loss_fn = get_preference_loss(self.preference_loss)
+        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
+        if model_chunks is None:
+            model_chunks = build_gpt_model(cfg, vocab_size)
+        self.model = wrap_data_parallel(model_chunks)
+        self.ref_policy_state_dict = self._snapshot_weights()
+
+    # ----------------------------------------------------------------- weights
+    def _parameters(self):
+        for chunk in self.model:
+            yield from chunk.module.named_parameters()
+
+    @torch.no_grad()
+    def _snapshot_weights(self) -> dict[str, torch.Tensor]:
+        names = [f"{i}.{name}" for i, chunk in enumerate(self.model) for name, _ in chunk.module.named_parameters()]
+        return {name: param.detach().to("cpu", copy=True) for name, (_, param) in zip(names, self._parameters())}
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        """Swap the frozen reference weights in (CPU -> device) and the policy's back out after."""
+        policy = self._snapshot_weights()
+        self._load_weights(self.ref_policy_state_dict)
+        try:
+            yield
+        finally:
+            self._load_weights(policy)
+
+    @torch.no_grad()
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for chunk_index, chunk in enumerate(self.model):
+            for name, param in chunk.module.named_parameters():
+                param.copy_(weights[f"{chunk_index}.{name}"], non_blocking=True)
+
+    # ----------------------------------------------------------------- forward
+    def _forward_step_func(self, logprobs_only: bool):
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            tokens = _pair_rows(batch, "chosen", "rejected")
+            positions = _pair_rows(batch, "position_ids", "position_ids") if "position_ids" in batch else (
+                torch.arange(tokens.shape[1]).expand_as(tokens)
+            )
+            device = next(model.parameters()).device
+            # Right-padded pairs need no mask: causal attention never looks ahead.
+            output = model(tokens.to(device), positions.to(device), None)
+
+            def token_logprobs(logits):
+                targets = tokens[:, 1:].to(logits.device)
+                return vocab_parallel_logprobs(logits[:, :-1], targets, self.vocab_size)
+
+            if logprobs_only:
+                return output, lambda logits: (torch.zeros(()), {"logprobs": token_logprobs(logits).detach()})
+
+            def loss_func(logits):
+                pi_logprobs = token_logprobs(logits)
+                labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(logits.device)
+                ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(logits.device)
+                gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(logits.device)
+                preference_loss, _ = self.loss_func(
+                    pi_logprobs, ref_logprobs, labels, gt_rewards,
+                    average_log_probs=self.preference_avg_log_probs,
+                )
+                sft_loss = torch.zeros_like(preference_loss)
+                if self.sft_loss_weight != 0:
+                    sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=self.sft_avg_log_probs)
+                loss = self.preference_loss_weight * preference_loss + self.sft_loss_weight * sft_loss
+                with torch.no_grad():
+                    logratios = self.get_reduced_masked_logps(
+                        pi_logprobs - ref_logprobs, labels, average_log_probs=self.preference_avg_log_probs
+                    )
+                pairs = labels.shape[0] // 2
+                return loss, {
+                    "pairs": pairs,
+                    "sums": torch.stack([loss, preference_loss, sft_loss]).detach() * pairs,
+                    "logratios": logratios,
+                }
+
+            return output, loss_func
+
+        return forward_step
+
+    def _run_schedule(self, batch: dict, micro_batch_size: int, forward_only: bool, logprobs_only: bool):
+        pairs = batch["chosen"].shape[0]
+        if pairs % micro_batch_size:
+            # Only a last, partial validation batch gets here; one pair per
+            # micro-batch keeps the fixed activation shape pipelines need.
+            micro_batch_size = 1
+        micro_batches = [_split_rows(batch, i, i + micro_batch_size) for i in range(0, pairs, micro_batch_size)]
+        data = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
+        return forward_backward(
+            self.model,
+            self._forward_step_func(logprobs_only),
+            data,
+            num_microbatches=len(micro_batches),
+            seq_length=batch["chosen"].shape[1],
+            micro_batch_size=2 * micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------- public API
+    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        """Forward (and backward unless ``forward_only``) one global batch of this DP rank.
+
+        Metrics are over the whole global batch (every micro-batch, every DP
+        rank) and identical on every rank. ``batch`` holds the collated pairs
+        plus ``ref_policy_log_probs_chosen/rejected`` from ``augment_dataloader``.
+        """
+        pairs = batch["chosen"].shape[0]
+        reports = self._run_schedule(batch, self.cfg.micro_batch_size, forward_only, False) if pairs else []
+        return self._reduce_metrics(reports)
+
+    def _reduce_metrics(self, reports: list[dict]) -> tuple[float, dict[str, float]]:
+        sums = torch.zeros(4, dtype=torch.float64)
+        logratios = torch.zeros(0)
+        if reports:
+            sums[:3] = torch.stack([r["sums"].double().cpu() for r in reports]).sum(0)
+            sums[3] = sum(r["pairs"] for r in reports)
+            logratios = torch.cat([torch.stack(split_chosen_rejected(r["logratios"].float().cpu()), 1) for r in reports])
+        # Pipeline: only the last stage has losses; it speaks for its pipeline.
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        if not last_stage:
+            sums.zero_()
+            logratios = torch.zeros(0, 2)
+        sums = self._all_reduce_cpu(sums, parallel_state.get_data_parallel_group())
+        sums = self._all_reduce_cpu(sums, parallel_state.get_pipeline_model_parallel_group())
+        logratios = self._gather_pairs(logratios.reshape(-1, 2))
+        count = max(sums[3].item(), 1.0)
+        loss, preference_loss, sft_loss = (sums[:3] / count).tolist()
+        metrics = {"loss": loss, "sft_loss": sft_loss, "preference_loss": preference_loss}
+        stats = preference_metrics(logratios[:, 0], logratios[:, 1], self.ref_policy_kl_penalty)
+        metrics.update({key: value.item() for key, value in stats.items()})
+        return loss, metrics
+
+    @staticmethod
+    def _all_reduce_cpu(tensor: torch.Tensor, group) -> torch.Tensor:
+        if dist.get_world_size(group) == 1:
+            return tensor
+        reduced = tensor.to(accelerator_device())
+        dist.all_reduce(reduced, group=group)
+        return reduced.cpu()
+
+    @staticmethod
+    def _gather_pairs(local: torch.Tensor) -> torch.Tensor:
+        """Every pipeline's (chosen, rejected) log-ratio rows; empty ``local`` off the last stage."""
+        world = dist.get_world_size()
+        if world == 1:
+            return local
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            local = local[:0]  # TP ranks hold identical copies
+        device = accelerator_device()
+        counts = torch.zeros(world, dtype=torch.long, device=device)
+        counts[dist.get_rank()] = local.shape[0]
+        dist.all_reduce(counts)
+        padded = torch.zeros(max(int(counts.max().item()), 1), 2, device=device)
+        padded[: local.shape[0]] = local.to(device)
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([g[:n] for g, n in zip(gathered, counts.tolist())]).cpu()
+
+    @torch.no_grad()
+    def get_logprob_batch(self, batch: dict) -> torch.Tensor:
+        """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank."""
+        pairs, seq_length = batch["chosen"].shape
+        micro = self.cfg.dpo.get("log_prob_forward_micro_batch_size", self.cfg.micro_batch_size)
+        for chunk in self.model:
+            chunk.eval()
+        reports = self._run_schedule(batch, micro, forward_only=True, logprobs_only=True) if pairs else []
+        logprobs = torch.empty(2 * pairs, seq_length - 1, dtype=torch.float32)
+        if reports:
+            chosen, rejected = zip(*(split_chosen_rejected(r["logprobs"].cpu()) for r in reports))
+            logprobs = torch.cat([*chosen, *rejected])
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            device_copy = logprobs.to(accelerator_device())
+            dist.broadcast(
+                device_copy,
+                parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+            logprobs = device_copy.cpu()
+        return logprobs
+
+    def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
+        """``get_logprob_batch`` with the frozen reference weights swapped in."""
+        with self._reference_weights():
+            return self.get_logprob_batch(batch)
+
+    def get_reduced_masked_logps(self, logps, labels, cu_seqlens=None, average_log_probs=False):
+        """Per-sequence sum (or mean) of token log-probs where ``labels`` is not -100."""
+        if cu_seqlens is not None:
+            raise ValueError("packed sequences are not supported by this model yet")
+        return masked_sequence_logprobs(logps, labels > -1, average=average_log_probs)
+
+    def loss_func(self, pi_logprobs, ref_logprobs, labels, gt_rewards, cu_seqlens=None, average_log_probs=False):
+        """Preference loss of one micro-batch (mean over pairs) and its accuracy.
+
+        Override in a subclass for a custom loss; inputs are per-token, rows
+        [all chosen; all rejected], labels already aligned with the log-probs.
+        """
+        logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
+        chosen, rejected = split_chosen_rejected(logratios)
+        gt_chosen, gt_rejected = split_chosen_rejected(gt_rewards)
+        loss = self.preference_loss_fn(
+            chosen, rejected, beta=self.ref_policy_kl_penalty,
+            gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=self.gt_reward_scale,
+        ).mean(0)
+        with torch.no_grad():
+            acc = (chosen > rejected).float().mean()
+        return loss, acc
+
+    def sft_loss_func(self, pi_logprobs, labels, cu_seqlens=None, average_log_probs=False):
+        """Negative log-likelihood of the chosen responses (mean over pairs)."""
+        chosen, _ = split_chosen_rejected(self.get_reduced_masked_logps(pi_logprobs, labels, cu_seqlens, average_log_probs))
+        return -chosen.mean(0)
+
+    def prepare_for_training_step(self) -> None:
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+
+    def finish_training_step(self) -> None:
+        """Kept for NeMo Aligner parity: gradients are already reduced over DP (and
+        tied embeddings over PP) by the schedule's ``finalize_model_grads``."""
+
+    def prepare_for_validation_step(self) -> None:
+        for chunk in self.model:
+            chunk.eval()
+
+    def finish_validation_step(self) -> None:
+        for chunk in self.model:
+            chunk.train()
+

@@ -1,0 +1,44 @@
+"""NeMo's ``CosineAnnealing`` learning-rate schedule: linear warmup, cosine decay, constant tail."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_annealing_lr(step: int, max_lr: float, min_lr: float, max_steps: int,
+                        warmup_steps: int = 0, constant_steps: int = 0) -> float:
+    """Learning rate at optimizer step ``step`` (0-based), with NeMo's semantics.
+
+    Warmup ramps ``max_lr * (step + 1) / (warmup_steps + 1)``; the cosine then
+    falls from ``max_lr`` to ``min_lr`` over ``max_steps - warmup_steps -
+    constant_steps`` steps; the last ``constant_steps`` and anything past
+    ``max_steps`` stay at ``min_lr``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return max_lr * (step + 1) / (warmup_steps + 1)
+    decay_steps = max_steps - warmup_steps - constant_steps
+    if step > max_steps or decay_steps <= 0 or step - warmup_steps >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / decay_steps
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CosineAnnealing(torch.optim.lr_scheduler.LRScheduler):
+    """``model.optim.sched`` with ``name: CosineAnnealing`` (``warmup_steps``, ``constant_steps``, ``min_lr``)."""
+
+    def __init__(self, optimizer, max_steps: int, min_lr: float = 0.0,
+                 warmup_steps: int = 0, constant_steps: int = 0, last_epoch: int = -1):
+        self.max_steps = max_steps
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.constant_steps = constant_steps
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [
+            cosine_annealing_lr(self.last_epoch, base_lr, self.min_lr, self.max_steps,
+                                self.warmup_steps, self.constant_steps)
+            for base_lr in self.base_lrs
+        ]

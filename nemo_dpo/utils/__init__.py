@@ -1,0 +1,1 @@
+"""Logging and timing helpers for the training loop."""

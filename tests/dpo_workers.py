@@ -1,0 +1,97 @@
+"""DPO runs executed on every rank of a spawned gloo group by the DPO tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from omegaconf import OmegaConf
+
+from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
+from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler, build_dataloader
+from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+from nemo_dpo.optim.optimizer import DistributedAdamW
+from nemo_dpo.optim.scheduler import CosineAnnealing
+from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
+from nemo_dpo.utils.metrics_logger import MetricsLogger
+from nemo_dpo.utils.run_timer import RunTimer
+
+VOCAB = 60
+EOS = 0
+MODEL = dict(
+    num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+    encoder_seq_length=24, normalization="rmsnorm", activation="swiglu", position_embedding_type="rope",
+    share_embeddings_and_output_weights=False, bias=False, make_vocab_size_divisible_by=16,
+)
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
+    """Dataset items of random prompts and responses of varied lengths (eos-terminated)."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(count):
+        prompt = torch.randint(1, VOCAB, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen)
+        item = {}
+        for side in ("chosen", "rejected"):
+            response = torch.randint(1, VOCAB, (int(torch.randint(2, 10, (1,), generator=gen)),), generator=gen)
+            tokens = torch.cat([prompt, response, torch.tensor([EOS])])
+            labels = tokens.clone()
+            labels[: len(prompt)] = -100
+            item.update({side: tokens, f"{side}_labels": labels, f"{side}_length": len(tokens)})
+        item.update(chosen_reward=1.0, rejected_reward=0.0)
+        items.append(item)
+    return items
+
+
+def model_config(micro_batch_size: int, global_batch_size: int, **dpo) -> OmegaConf:
+    return OmegaConf.create(dict(
+        MODEL, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+        dpo=dict(ref_policy_kl_penalty=0.5, log_prob_forward_micro_batch_size=micro_batch_size, **dpo),
+    ))
+
+
+def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
+              items: list[dict], log_dir: str, dpo_overrides: dict | None = None) -> dict:
+    """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics."""
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    cfg = model_config(micro_batch_size, global_batch_size, **(dpo_overrides or {}))
+    model = MegatronGPTDPOModel(cfg, VOCAB)
+    optimizer = DistributedAdamW(model.model, lr=5e-3, weight_decay=0.01)
+    scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=5e-4, warmup_steps=1)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    sampler_args = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                        data_parallel_rank=dp_rank, data_parallel_size=dp_size)
+    train_sampler = MegatronPretrainingRandomBatchSampler(len(items), 0, seed=3, **sampler_args)
+    val_sampler = MegatronPretrainingBatchSampler(len(items) - 4, 0, **sampler_args)
+    trainer = DPOTrainer(
+        cfg=OmegaConf.create(dict(max_epochs=100, max_steps=steps, val_check_interval=steps, save_interval=0,
+                                  limit_train_batches=1.0, limit_val_batches=1.0, gradient_clip_val=1.0)),
+        model=model, optimizer=optimizer, scheduler=scheduler,
+        train_dataloader=build_dataloader(items, train_sampler),
+        val_dataloader=build_dataloader(items[: len(items) - 4], val_sampler),
+        test_dataloader=None,
+        collate_fn=lambda batch: dpo_custom_collate(batch, eos_id=EOS),
+        logger=MetricsLogger(log_dir, use_tensorboard=False), ckpt_callback=None, run_timer=RunTimer(None),
+    )
+    trainer.fit()
+    if torch.distributed.get_rank() != 0:
+        return {}
+    return {"records": [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]}
+
+
+def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict]) -> dict:
+    """Policy and reference per-token log-probs and metrics of the first batch, before any update."""
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    cfg = model_config(micro_batch_size, len(items))
+    model = MegatronGPTDPOModel(cfg, VOCAB)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    local = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
+    batch = dpo_custom_collate(local, eos_id=EOS)
+    reference = model.get_ref_policy_logprobs(batch)
+    policy = model.get_logprob_batch(batch)
+    batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = reference.chunk(2)
+    model.prepare_for_training_step()
+    loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
+    return dict(reference=reference, policy=policy, loss=loss, metrics=metrics)
