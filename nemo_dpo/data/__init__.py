@@ -1,0 +1,27 @@
+"""Preference data: tokenizer, JSONL dataset, DPO collate and Megatron-style samplers."""
+
+from nemo_dpo.data.collate import dpo_custom_collate, get_ltor_masks_and_position_ids
+from nemo_dpo.data.preference_dataset import DPOModelDataset, PreferenceDataError, load_jsonl
+from nemo_dpo.data.samplers import (
+    PAD_INDEX,
+    MegatronPretrainingBatchSampler,
+    MegatronPretrainingRandomBatchSampler,
+    build_dataloader,
+    identity_collate,
+)
+from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer
+
+__all__ = [
+    "DPOModelDataset",
+    "HFTokenizer",
+    "MegatronPretrainingBatchSampler",
+    "MegatronPretrainingRandomBatchSampler",
+    "PAD_INDEX",
+    "PreferenceDataError",
+    "build_dataloader",
+    "dpo_custom_collate",
+    "get_ltor_masks_and_position_ids",
+    "identity_collate",
+    "load_jsonl",
+    "load_tokenizer",
+]

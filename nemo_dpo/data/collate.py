@@ -1,0 +1,126 @@
+"""Batching of DPO items into padded tensors (NeMo Aligner's ``dpo_custom_collate``).
+
+Like NeMo Aligner, this runs outside the DataLoader (which uses an identity collate):
+with ``pad_length_to_multiple_of`` it takes part in a collective, and DataLoader
+workers have no process group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["dpo_custom_collate", "get_ltor_masks_and_position_ids"]
+
+
+def get_ltor_masks_and_position_ids(
+    tokens: torch.Tensor, eos_id: int, reset_position_ids: bool = False, reset_attention_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention mask ``[B, 1, S, S]`` (True = masked, megatron's convention) and position ids ``[B, S]``.
+
+    With the reset flags every eos starts a new document: positions restart at 0 after
+    it and later tokens do not attend across it.
+    """
+    batch, length = tokens.shape
+    arange = torch.arange(length, device=tokens.device)
+    after_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    after_eos[:, 1:] = tokens[:, :-1] == eos_id
+    causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+    if reset_attention_mask:
+        document = after_eos.long().cumsum(dim=1)
+        allowed = causal & (document[:, :, None] == document[:, None, :])
+    else:
+        allowed = causal.expand(batch, length, length)
+    # A real copy, not an expanded view: views break pin_memory.
+    attention_mask = (~allowed).unsqueeze(1).contiguous()
+    position_ids = arange.expand(batch, length).clone()
+    if reset_position_ids:
+        document_start = torch.where(after_eos, arange, 0).cummax(dim=1).values
+        position_ids -= document_start
+    return attention_mask, position_ids
+
+
+def _agreed_length(length: int, group) -> int:
+    """The longest ``length`` over ``group``'s ranks (just ``length`` without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return length
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    agreed = torch.tensor(length, dtype=torch.long, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    return int(agreed.item())
+
+
+def dpo_custom_collate(
+    batch: list[dict],
+    eos_id: int,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    pad_length_to_multiple_of: int | None = None,
+    pad_to_length: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stack DPO items into ``[B, S]`` tensors, padding tokens with eos and labels with -100.
+
+    Returns ``chosen``, ``rejected``, ``chosen_length``, ``rejected_length``,
+    ``chosen_labels``, ``rejected_labels``, ``attention_mask``, ``position_ids`` (both
+    from the chosen tokens, as in NeMo Aligner), ``chosen_rewards``, ``rejected_rewards``
+    and ``sample_mask`` (1.0 for real pairs, 0.0 for sampler padding, see
+    :mod:`nemo_dpo.data.samplers`).
+
+    ``S`` is the longest sequence in the batch, unless:
+
+    * ``pad_to_length`` fixes it (every micro-batch of a run then has one shape);
+    * ``pad_length_to_multiple_of`` rounds it up to a multiple (e.g. the TP size for
+      sequence parallelism). The length is first agreed with a MAX all-reduce over
+      ``group`` (the default group when None) whenever torch.distributed is initialised,
+      because pipeline schedules send activations of a fixed, pre-agreed shape between
+      stages and DP ranks must not disagree on it; every rank of ``group`` must call this.
+
+    ``eod_mask_loss`` sets the labels of eos tokens to -100 (NeMo Aligner accepts the flag
+    but ignores it in DPO).
+    """
+    if pad_length_to_multiple_of is not None and pad_length_to_multiple_of < 0:
+        raise ValueError(f"pad_length_to_multiple_of must be >= 0, got {pad_length_to_multiple_of}")
+    tokens = [item[key] for key in ("chosen", "rejected") for item in batch]
+    labels = [item[f"{key}_labels"] for key in ("chosen", "rejected") for item in batch]
+    length = max(len(t) for t in tokens)
+    if pad_to_length is not None:
+        if length > pad_to_length:
+            raise ValueError(f"a sequence of {length} tokens does not fit pad_to_length={pad_to_length}")
+        if pad_length_to_multiple_of and pad_to_length % pad_length_to_multiple_of:
+            raise ValueError(f"pad_to_length={pad_to_length} is not a multiple of {pad_length_to_multiple_of}")
+        length = pad_to_length
+    elif pad_length_to_multiple_of:
+        length = _agreed_length(length, group)
+        length = math.ceil(length / pad_length_to_multiple_of) * pad_length_to_multiple_of
+
+    def stack(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
+        out = torch.full((len(seqs), length), value, dtype=torch.long)
+        for row, seq in zip(out, seqs):
+            row[: len(seq)] = torch.as_tensor(seq)
+        return out
+
+    tokens, labels = stack(tokens, eos_id), stack(labels, -100)
+    if eod_mask_loss:
+        labels[tokens == eos_id] = -100
+    chosen, rejected = tokens.chunk(2)
+    chosen_labels, rejected_labels = labels.chunk(2)
+    attention_mask, position_ids = get_ltor_masks_and_position_ids(
+        chosen, eos_id, reset_position_ids, reset_attention_mask
+    )
+    return {
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_length": torch.tensor([item["chosen_length"] for item in batch], dtype=torch.long),
+        "rejected_length": torch.tensor([item["rejected_length"] for item in batch], dtype=torch.long),
+        "chosen_labels": chosen_labels,
+        "rejected_labels": rejected_labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "chosen_rewards": torch.tensor([item["chosen_reward"] for item in batch], dtype=torch.float),
+        "rejected_rewards": torch.tensor([item["rejected_reward"] for item in batch], dtype=torch.float),
+        "sample_mask": torch.tensor([item.get("sample_mask", 1.0) for item in batch], dtype=torch.float),
+    }
