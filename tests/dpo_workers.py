@@ -81,10 +81,10 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
     return {"records": [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]}
 
 
-def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict]) -> dict:
+def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], dpo: dict | None = None) -> dict:
     """Policy and reference per-token log-probs and metrics of the first batch, before any update."""
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, len(items))
+    cfg = model_config(micro_batch_size, len(items), **(dpo or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     local = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
@@ -94,4 +94,5 @@ def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict]) -
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = reference.chunk(2)
     model.prepare_for_training_step()
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
-    return dict(reference=reference, policy=policy, loss=loss, metrics=metrics)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
+    return dict(reference=reference, policy=policy, labels=labels, loss=loss, metrics=metrics)

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from layout_workers import weight_shards
 from test_layouts import MODELS, VOCAB, assemble_weights
-from nemo_dpo.checkpoint.dist_ckpt import COMPLETE_MARKER, load_model_weights, save_model_weights
+from nemo_dpo.checkpoint.dist_ckpt import COMPLETE_MARKER, atomic_checkpoint_dir, load_model_weights, save_model_weights
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -13,7 +13,8 @@ from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 def save_then_report(tp, pp, model_cfg, seed, path):
     initialize_parallel(ParallelLayout(tp, pp))
     chunks = build_gpt_model(OmegaConf.create(model_cfg), VOCAB, seed=seed)
-    save_model_weights(chunks, path)
+    with atomic_checkpoint_dir(path) as staging:
+        save_model_weights(chunks, staging)
     return dict(shards=weight_shards(chunks))
 
 

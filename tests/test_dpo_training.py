@@ -23,6 +23,34 @@ def test_step0_reference_equals_policy_and_loss_is_ln2(dist_pool, tp, pp, world)
         assert r["metrics"]["rewards_all_mean"] == 0.0
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_sft_term_is_weighted_negative_chosen_logprob(dist_pool, average):
+    items = synthetic_pairs(4, seed=5)
+    weight = 0.25
+    dpo = dict(sft_loss_weight=weight, preference_average_log_probs=average)
+    (r,) = dist_pool.run(1, step0_logprobs, 1, 1, 2, items, dpo)
+    chosen_logprobs, chosen_labels = r["policy"][:4].double(), r["labels"][:4]
+    per_pair = [
+        sum(lp for lp, lab in zip(row.tolist(), labels.tolist()) if lab != -100)
+        / (sum(lab != -100 for lab in labels.tolist()) if average else 1)
+        for row, labels in zip(chosen_logprobs, chosen_labels)
+    ]
+    sft = -sum(per_pair) / len(per_pair)
+    assert r["metrics"]["sft_loss"] == pytest.approx(sft, rel=1e-6)
+    assert r["metrics"]["preference_loss"] == LN2_FP32
+    assert r["loss"] == pytest.approx(LN2_FP32 + weight * sft, rel=1e-6)
+
+
+def test_unknown_preference_loss_fails_at_start_listing_valid_names():
+    from omegaconf import OmegaConf
+
+    from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+
+    cfg = OmegaConf.create({"dpo": {"preference_loss": "dpo_typo"}})
+    with pytest.raises(ValueError, match=r"unknown preference_loss 'dpo_typo'; valid names: dpo, ipo, rpo_bwd_kl"):
+        MegatronGPTDPOModel(cfg, vocab_size=10)
+
+
 @pytest.fixture(scope="module")
 def single_process_run(dist_pool, tmp_path_factory):
     items = synthetic_pairs(19)

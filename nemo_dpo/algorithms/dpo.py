@@ -16,7 +16,7 @@ from tqdm import tqdm
 from nemo_dpo.data.collate import dpo_custom_collate
 from nemo_dpo.parallel.initialize import accelerator_device
 
-__all__ = ["DPOTrainer", "dpo_custom_collate", "NonFiniteLossError"]
+__all__ = ["DPOTrainer", "NonFiniteLossError", "compute_max_steps", "dpo_custom_collate"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ def _drop_sampler_padding(batch: dict) -> dict:
             for key, value in batch.items()}
 
 
+def steps_per_epoch(cfg, train_batch_sampler) -> int:
+    """Training steps in one epoch, after ``limit_train_batches`` (``cfg`` is ``trainer.dpo``)."""
+    return _limit_batches(train_batch_sampler.steps_per_epoch, cfg.get("limit_train_batches", 1.0))
+
+
+def compute_max_steps(cfg, train_batch_sampler) -> int:
+    """Steps a run takes: epochs x steps per epoch, capped by ``max_steps``."""
+    max_steps = steps_per_epoch(cfg, train_batch_sampler) * cfg.max_epochs
+    cap = cfg.get("max_steps", -1)
+    return max_steps if cap is None or cap < 0 else min(max_steps, cap)
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -81,9 +93,7 @@ class DPOTrainer:
         self.run_timer = run_timer
         self.step = 0
         self.consumed_samples = 0
-        self.num_steps_per_epoch = _limit_batches(
-            len(train_dataloader.batch_sampler), cfg.get("limit_train_batches", 1.0)
-        )
+        self.num_steps_per_epoch = steps_per_epoch(cfg, train_dataloader.batch_sampler)
         if self.num_steps_per_epoch <= 0:
             raise ValueError("the training data gives no step per epoch (check global_batch_size and limit_train_batches)")
         self.limit_val_batches = _limit_batches(len(val_dataloader), cfg.get("limit_val_batches", 1.0))
@@ -207,10 +217,7 @@ class DPOTrainer:
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
 
     def set_max_steps(self) -> None:
-        self.max_steps = self.num_steps_per_epoch * self.cfg.max_epochs
-        max_steps = self.cfg.get("max_steps", -1)
-        if max_steps is not None and max_steps >= 0:
-            self.max_steps = min(self.max_steps, max_steps)
+        self.max_steps = compute_max_steps(self.cfg, self.train_dataloader.batch_sampler)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}

@@ -1,22 +1,23 @@
 """Model weights through megatron-core distributed checkpointing: save at one layout, load at any.
 
-A checkpoint folder is written under a temporary name and renamed into place
-only once every rank has finished, so a crash mid-save never leaves a folder
-that looks complete, and never touches an existing checkpoint of the same name.
+Checkpoint folders are written under a temporary name and renamed into place
+only once every rank has finished (:func:`atomic_checkpoint_dir`), so a crash
+mid-save never leaves a folder that looks complete, and never touches an
+existing checkpoint of the same name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 COMPLETE_MARKER = ".complete"
-
-
 # Checkpoint keys carry NeMo's "model." prefix so NeMo 1.0 mcore checkpoints line up.
 KEY_PREFIX = "model."
 
@@ -43,40 +44,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_model_weights(model_chunks, checkpoint_dir: str | os.PathLike) -> Path:
-    """Write the model's weights to ``checkpoint_dir`` (collective: call on every rank)."""
-    final = Path(checkpoint_dir)
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a checkpoint whose save finished."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def atomic_checkpoint_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder; on success it becomes ``folder``, marked complete (collective).
+
+    An existing ``folder`` is replaced only after the new one is fully written.
+    """
+    final = Path(folder)
     staging = final.with_name(final.name + ".tmp")
     if _is_rank0():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(staging))
+    yield staging
     _barrier()
     if _is_rank0():
         (staging / COMPLETE_MARKER).touch()
         _fsync_dir(staging)
+        retired = final.with_name(final.name + ".old")
         if final.exists():
-            # Keep the old one until the new one is in place.
-            retired = final.with_name(final.name + ".old")
             shutil.rmtree(retired, ignore_errors=True)
             os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, final)
+        os.replace(staging, final)
         _fsync_dir(final.parent)
+        shutil.rmtree(retired, ignore_errors=True)
     _barrier()
-    return final
 
 
-def load_model_weights(model_chunks, checkpoint_dir: str | os.PathLike) -> None:
+def save_model_weights(model_chunks, directory: str | os.PathLike) -> None:
+    """Write the weights into the existing folder ``directory`` (collective)."""
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(directory))
+
+
+def load_model_weights(model_chunks, directory: str | os.PathLike) -> None:
     """Load weights saved at any TP/PP layout into this layout's chunks (collective)."""
-    path = Path(checkpoint_dir)
+    path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    if not (path / COMPLETE_MARKER).exists():
-        raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): its save did not finish")
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path))
     for name, chunk in zip(_chunk_names(model_chunks), model_chunks):
         state = {key.removeprefix(KEY_PREFIX): value for key, value in loaded[name].items()}

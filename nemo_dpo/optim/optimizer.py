@@ -110,3 +110,21 @@ def global_grad_norm(params) -> float:
         local = local.to(params[0].device)
         dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
     return local.sqrt().item()
+
+
+# NeMo configs name their Adam variants; all are AdamW (decoupled weight decay) here.
+ADAM_NAMES = ("adamw", "adam", "fused_adam", "distributed_fused_adam")
+
+
+def build_optimizer(model_chunks, optim_cfg) -> DistributedAdamW:
+    """Optimizer from ``model.optim`` (``name``, ``lr``, ``weight_decay``, ``betas``, ``eps``)."""
+    name = optim_cfg.get("name", "adamw")
+    if name not in ADAM_NAMES:
+        raise ValueError(f"model.optim.name={name!r} is not supported; valid: {list(ADAM_NAMES)}")
+    return DistributedAdamW(
+        model_chunks,
+        lr=optim_cfg.lr,
+        weight_decay=optim_cfg.get("weight_decay", 0.0),
+        betas=tuple(optim_cfg.get("betas", (0.9, 0.999))),
+        eps=optim_cfg.get("eps", 1e-8),
+    )

@@ -42,3 +42,20 @@ class CosineAnnealing(torch.optim.lr_scheduler.LRScheduler):
                                 self.warmup_steps, self.constant_steps)
             for base_lr in self.base_lrs
         ]
+
+
+def build_scheduler(optimizer, sched_cfg, max_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Schedule from ``model.optim.sched``: ``CosineAnnealing``, or a constant rate when absent."""
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    if sched_cfg is None:
+        return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lambda step: 1.0)
+    name = sched_cfg.get("name")
+    if name != "CosineAnnealing":
+        raise ValueError(f"model.optim.sched.name={name!r} is not supported; valid: ['CosineAnnealing']")
+    return CosineAnnealing(
+        torch_optimizer,
+        max_steps=sched_cfg.get("max_steps") or max_steps,
+        min_lr=sched_cfg.get("min_lr", 0.0),
+        warmup_steps=sched_cfg.get("warmup_steps", 0),
+        constant_steps=sched_cfg.get("constant_steps", 0),
+    )
