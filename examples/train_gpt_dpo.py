@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -63,6 +64,8 @@ def build_loader(cfg: DictConfig, dataset, train: bool):
 
 @hydra.main(config_path="../conf", config_name="gpt_dpo", version_base=None)
 def main(cfg: DictConfig) -> None:
+    # megatron-core reports its DDP buckets parameter by parameter at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     model_cfg = cfg.model
     initialize_parallel(
         ParallelLayout(

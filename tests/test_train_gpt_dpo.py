@@ -20,7 +20,7 @@ SHORT_RUN = ["trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "tra
 def run_example(log_dir: Path, *overrides: str, nproc: int = 1) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
     ]
     cmd = [*launcher, str(REPO / "examples" / "train_gpt_dpo.py"), f"exp_manager.explicit_log_dir={log_dir}", *overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -49,6 +49,7 @@ def test_default_run_starts_at_ln2_and_saves(single_process):
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["consumed_samples"] == 96
     assert (log_dir / "config.yaml").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events were not written"
 
 
 @pytest.mark.parametrize("parallel", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"])
@@ -62,11 +63,12 @@ def test_torchrun_two_processes_matches_single_process(single_process, tmp_path,
 def test_default_run_learns_the_preference(tmp_path):
     """A shortened default run: validation accuracy rises from 0 and the reward margin grows."""
     records = run_example(
-        tmp_path, "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20", "trainer.dpo.limit_val_batches=4",
+        tmp_path, "trainer.dpo.max_steps=60", "trainer.dpo.val_check_interval=30", "trainer.dpo.limit_val_batches=4",
         "exp_manager.create_checkpoint_callback=False",
     )
     assert series(records, "train/acc")[0] == 0.0
     val_acc = series(records, "val/acc")
     margins = [c - r for c, r in zip(series(records, "val/rewards_chosen_mean"), series(records, "val/rewards_rejected_mean"))]
-    assert val_acc[-1] >= 0.85, val_acc
+    # The full default run (120 steps, all 400 validation pairs) reaches ~0.98.
+    assert val_acc[-1] >= 0.8 and val_acc[-1] > val_acc[0] > 0.0, val_acc
     assert margins[-1] > margins[0] > 0, margins

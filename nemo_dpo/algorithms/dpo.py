@@ -143,7 +143,7 @@ class DPOTrainer:
             for key, value in metrics.items():
                 totals[key] += value * pairs
             pairs_seen += pairs
-            progress.set_postfix({f"val_{k}": f"{v:.4g}" for k, v in metrics.items()})
+            progress.set_postfix({f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "acc")})
         val_metrics = {key: value / max(pairs_seen, 1) for key, value in totals.items()}
         return val_metrics.get("loss", float("nan")), val_metrics
 
