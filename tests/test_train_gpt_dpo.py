@@ -72,3 +72,24 @@ def test_default_run_learns_the_preference(tmp_path):
     # The full default run (120 steps, all 400 validation pairs) reaches ~0.98.
     assert val_acc[-1] >= 0.8 and val_acc[-1] > val_acc[0] > 0.0, val_acc
     assert margins[-1] > margins[0] > 0, margins
+
+
+def test_nemo_aligner_string_prompt_format_trains(tmp_path):
+    """NeMo Aligner's documented layout: string prompts in the <extra_id_*> template."""
+    assets = REPO / "nemo_dpo" / "assets" / "default_data"
+    for split, count in (("train", 1280), ("validation", 128)):
+        with open(tmp_path / f"{split}.jsonl", "w") as out:
+            for line in (assets / f"{split}.jsonl").read_text().splitlines()[:count]:
+                record = json.loads(line)
+                question = record["prompt"][0]["content"]
+                record["prompt"] = f"<extra_id_1>User\n{question}\n<extra_id_1>Assistant\n"
+                out.write(json.dumps(record) + "\n")
+    records = run_example(
+        tmp_path / "logs", f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
+        f"model.data.data_prefix.validation={tmp_path / 'validation.jsonl'}",
+        "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20",
+        "exp_manager.create_checkpoint_callback=False",
+    )
+    assert series(records, "train/loss")[0] == LN2_FP32
+    val_loss, val_acc = series(records, "val/loss"), series(records, "val/acc")
+    assert val_loss[-1] < val_loss[0] < LN2_FP32 and val_acc[-1] >= 0.7, (val_loss, val_acc)
