@@ -70,14 +70,14 @@ class MegatronGPTDPOModel:
         self.ref_policy_state_dict = self._snapshot_weights()
 
     # ----------------------------------------------------------------- weights
-    def _parameters(self):
-        for chunk in self.model:
-            yield from chunk.module.named_parameters()
+    def _named_parameters(self):
+        for index, chunk in enumerate(self.model):
+            for name, param in chunk.module.named_parameters():
+                yield f"{index}.{name}", param
 
     @torch.no_grad()
     def _snapshot_weights(self) -> dict[str, torch.Tensor]:
-        names = [f"{i}.{name}" for i, chunk in enumerate(self.model) for name, _ in chunk.module.named_parameters()]
-        return {name: param.detach().to("cpu", copy=True) for name, (_, param) in zip(names, self._parameters())}
+        return {name: param.detach().to("cpu", copy=True) for name, param in self._named_parameters()}
 
     @contextlib.contextmanager
     def _reference_weights(self):
@@ -91,9 +91,8 @@ class MegatronGPTDPOModel:
 
     @torch.no_grad()
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        for chunk_index, chunk in enumerate(self.model):
-            for name, param in chunk.module.named_parameters():
-                param.copy_(weights[f"{chunk_index}.{name}"], non_blocking=True)
+        for name, param in self._named_parameters():
+            param.copy_(weights[name], non_blocking=True)
 
     # ----------------------------------------------------------------- forward
     def _forward_step_func(self, logprobs_only: bool):
