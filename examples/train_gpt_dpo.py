@@ -19,6 +19,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from nemo_dpo.algorithms.dpo import DPOTrainer, compute_max_steps, dpo_custom_collate
 from nemo_dpo.checkpoint.callback import CheckpointCallback
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR, load_pretrained_weights, read_model_config
+from nemo_dpo.checkpoint.training_checkpoint import (
+    checkpoint_problem,
+    find_resume_checkpoint,
+    load_training_checkpoint,
+    read_trainer_state,
+)
 from nemo_dpo.data import (
     DPOModelDataset,
     MegatronPretrainingBatchSampler,
@@ -47,12 +53,12 @@ def build_dataset(cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | N
     return DPOModelDataset(cfg.model, tokenizer, split, path, None, None, seq_length, cfg.model.seed)
 
 
-def build_loader(cfg: DictConfig, dataset, train: bool):
+def build_loader(cfg: DictConfig, dataset, train: bool, consumed_samples: int = 0):
     sampler_type = MegatronPretrainingRandomBatchSampler if train else MegatronPretrainingBatchSampler
     extra = {"seed": cfg.model.seed} if train else {}
     sampler = sampler_type(
         total_samples=len(dataset),
-        consumed_samples=0,
+        consumed_samples=consumed_samples,
         micro_batch_size=cfg.model.micro_batch_size,
         global_batch_size=cfg.model.global_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
@@ -60,6 +66,22 @@ def build_loader(cfg: DictConfig, dataset, train: bool):
         **extra,
     )
     return build_dataloader(dataset, sampler, num_workers=cfg.model.data.num_workers)
+
+
+def resume_checkpoint(exp: DictConfig, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to continue from, per ``exp_manager.resume_*``."""
+    if exp.resume_from_checkpoint:
+        path = Path(exp.resume_from_checkpoint)
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"exp_manager.resume_from_checkpoint={path} cannot be resumed from: {problem}")
+        return path
+    if not exp.resume_if_exists:
+        return None
+    path = find_resume_checkpoint(checkpoint_dir)
+    if path is None and not exp.resume_ignore_no_checkpoint:
+        raise FileNotFoundError(f"resume_if_exists: no complete checkpoint in {checkpoint_dir}")
+    return path
 
 
 @hydra.main(config_path="../conf", config_name="gpt_dpo", version_base=None)
@@ -87,21 +109,30 @@ def main(cfg: DictConfig) -> None:
     load_pretrained_weights(chunks, checkpoint)
     model = MegatronGPTDPOModel(model_cfg, tokenizer.vocab_size, model_chunks=chunks)
 
+    exp = cfg.exp_manager
+    log_dir = Path(exp.explicit_log_dir or Path(exp.exp_dir) / exp.name)
+    resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
+    trainer_state = read_trainer_state(resume_from) if resume_from else {"consumed_samples": 0}
+
     train_ds = build_dataset(cfg, tokenizer, "train")
     val_ds = build_dataset(cfg, tokenizer, "validation")
-    train_dl = build_loader(cfg, train_ds, train=True)
+    train_dl = build_loader(cfg, train_ds, train=True, consumed_samples=trainer_state["consumed_samples"])
     val_dl = build_loader(cfg, val_ds, train=False)
 
     optimizer = build_optimizer(model.model, model_cfg.optim)
     max_steps = compute_max_steps(cfg.trainer.dpo, train_dl.batch_sampler)
     scheduler = build_scheduler(optimizer, model_cfg.optim.get("sched"), max_steps)
+    if resume_from:
+        # The reference policy stays the pretrained model; only the policy's state resumes.
+        trainer_state = load_training_checkpoint(resume_from, model, optimizer, scheduler)
 
-    exp = cfg.exp_manager
-    log_dir = Path(exp.explicit_log_dir or Path(exp.exp_dir) / exp.name)
     ckpt_callback = None
     if exp.create_checkpoint_callback:
+        params = exp.checkpoint_callback_params
         ckpt_callback = CheckpointCallback(
-            log_dir / "checkpoints", exp.checkpoint_callback_params.filename, model, model_cfg, tokenizer_dir
+            log_dir / "checkpoints", params.filename, model, optimizer, scheduler, model_cfg, tokenizer_dir,
+            monitor=params.monitor, mode=params.mode, save_top_k=params.save_top_k,
+            save_final_model=params.save_nemo_on_train_end,
         )
     trainer = DPOTrainer(
         cfg=cfg.trainer.dpo,
@@ -123,8 +154,12 @@ def main(cfg: DictConfig) -> None:
         ckpt_callback=ckpt_callback,
         run_timer=RunTimer(cfg.trainer.max_time),
     )
+    if resume_from:
+        trainer.load_state_dict(trainer_state)
     if torch.distributed.get_rank() == 0:
         OmegaConf.save(cfg, log_dir / "config.yaml")
+        if resume_from:
+            print(f"resuming from {resume_from} at step {trainer.step} of {trainer.max_steps}", flush=True)
     trainer.fit()
     if torch.distributed.get_rank() == 0:
         print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)

@@ -1,4 +1,10 @@
-"""Preference losses against values worked out by hand with `math`."""
+"""Preference losses against values worked out by hand with `math`.
+
+The pipeline under test is the one the model assembles: per-token log-probs and
+a loss mask -> ``masked_sequence_logprobs`` -> ``split_chosen_rejected`` -> a
+registered per-pair loss and ``preference_metrics``. Weighting the preference
+and SFT terms is the model's job and is tested with the model.
+"""
 
 import math
 
@@ -10,21 +16,43 @@ from nemo_dpo.losses import (
     dpo_loss,
     get_preference_loss,
     masked_sequence_logprobs,
-    preference_loss_and_metrics,
+    preference_metrics,
     register_preference_loss,
+    split_chosen_rejected,
 )
 
 BUILTIN_LOSSES = ["dpo", "ipo", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq"]
 
-# Three pairs. Rows are laid out [chosen x3; rejected x3]; log-probs are sums over tokens.
-POLICY = [-4.0, -9.0, -3.0, -6.0, -8.0, -7.0]
-REF = [-5.0, -8.5, -3.0, -5.5, -8.5, -7.0]
-NUM_TOKENS = [2, 3, 1, 4, 1, 5]
+# Three pairs. Rows are laid out [chosen x3; rejected x3]. Each row is one masked-out
+# prompt token, then its response tokens, then masked-out padding up to WIDTH.
+POLICY_TOKENS = [
+    [-1.5, -2.5],
+    [-2.0, -3.0, -4.0],
+    [-3.0],
+    [-1.0, -2.0, -1.0, -2.0],
+    [-8.0],
+    [-1.0, -1.0, -2.0, -1.0, -2.0],
+]
+REF_TOKENS = [
+    [-2.0, -3.0],
+    [-2.5, -3.0, -3.0],
+    [-3.0],
+    [-1.5, -1.0, -1.0, -2.0],
+    [-8.5],
+    [-2.0, -1.0, -1.0, -1.0, -2.0],
+]
+WIDTH = 7
+# Junk at masked-out positions; the policy's is -inf, which must never leak into a sum.
+POLICY_JUNK, REF_JUNK = float("-inf"), -30.0
 GT_REWARDS = [3.0, 1.0, 2.0, 1.0, 2.0, 2.0]
 GT_SCALE = 0.5
 BETA = 0.5
 
-# Worked out by hand from the rows above: log-ratio = policy - ref, per row.
+# Worked out by hand from the token lists above.
+NUM_TOKENS = [2, 3, 1, 4, 1, 5]
+SUMMED_POLICY = [-4.0, -9.0, -3.0, -6.0, -8.0, -7.0]
+SUMMED_REF = [-5.0, -8.5, -3.0, -5.5, -8.5, -7.0]
+# log-ratio = policy - ref, per row.
 SUMMED_CHOSEN_LR = [1.0, -0.5, 0.0]
 SUMMED_REJECTED_LR = [-0.5, 0.5, 0.0]
 # Averaged: each log-ratio divided by its row's token count.
@@ -32,9 +60,6 @@ AVERAGED_CHOSEN_LR = [1.0 / 2, -0.5 / 3, 0.0 / 1]
 AVERAGED_REJECTED_LR = [-0.5 / 4, 0.5 / 1, 0.0 / 5]
 # gt_reward_scale * (gt_chosen - gt_rejected) = 0.5 * [2, -1, 0]
 GT_MARGINS = [1.0, -0.5, 0.0]
-# SFT loss: minus the mean chosen log-prob, (-4 - 9 - 3) / 3 summed, (-2 - 3 - 3) / 3 averaged.
-SUMMED_SFT = 16.0 / 3
-AVERAGED_SFT = 8.0 / 3
 
 
 def sigmoid(z):
@@ -57,23 +82,34 @@ def hand_pair_loss(name, margin, gt_margin, beta):
     raise AssertionError(name)
 
 
-def hand_mean_loss(name, chosen_lr, rejected_lr, beta=BETA):
-    pairs = [
-        hand_pair_loss(name, c - r, g, beta) for c, r, g in zip(chosen_lr, rejected_lr, GT_MARGINS)
-    ]
-    return sum(pairs) / len(pairs)
+def hand_logratios(average):
+    if average:
+        return AVERAGED_CHOSEN_LR, AVERAGED_REJECTED_LR
+    return SUMMED_CHOSEN_LR, SUMMED_REJECTED_LR
 
 
 def t(values, **kwargs):
     return torch.tensor(values, dtype=torch.float32, **kwargs)
 
 
-def run(loss_type="dpo", **kwargs):
-    kwargs.setdefault("beta", BETA)
-    return preference_loss_and_metrics(
-        t(POLICY), t(REF), torch.tensor(NUM_TOKENS), loss_type=loss_type,
-        gt_rewards=t(GT_REWARDS), gt_reward_scale=GT_SCALE, **kwargs,
-    )
+def padded(rows, junk):
+    """``[6, WIDTH]`` per-token values: a prompt token, the response, padding."""
+    return [[junk, *row] + [junk] * (WIDTH - 1 - len(row)) for row in rows]
+
+
+def loss_mask():
+    return torch.tensor([[0] + [1] * len(row) + [0] * (WIDTH - 1 - len(row)) for row in POLICY_TOKENS])
+
+
+def logratios_from_tokens(policy_tokens, average):
+    """The model's path: per-token policy - ref, reduced over the mask, split into pairs."""
+    ref_tokens = t(padded(REF_TOKENS, REF_JUNK))
+    logratios = masked_sequence_logprobs(policy_tokens - ref_tokens, loss_mask(), average=average)
+    return split_chosen_rejected(logratios)
+
+
+def gt_rewards():
+    return split_chosen_rejected(t(GT_REWARDS))
 
 
 def test_masked_sequence_logprobs_sum_and_mean():
@@ -90,56 +126,53 @@ def test_masked_sequence_logprobs_sum_and_mean():
     assert averaged.tolist() == [-1.5, -2.25, 0.0]
 
 
+def test_fixture_sums_by_hand():
+    # The hand-written per-sequence constants really are the token lists' sums and lengths.
+    assert [math.fsum(row) for row in POLICY_TOKENS] == SUMMED_POLICY
+    assert [math.fsum(row) for row in REF_TOKENS] == SUMMED_REF
+    assert [len(row) for row in POLICY_TOKENS] == [len(row) for row in REF_TOKENS] == NUM_TOKENS
+    lr = [p - r for p, r in zip(SUMMED_POLICY, SUMMED_REF)]
+    assert lr == SUMMED_CHOSEN_LR + SUMMED_REJECTED_LR
+    assert [x / n for x, n in zip(lr, NUM_TOKENS)] == AVERAGED_CHOSEN_LR + AVERAGED_REJECTED_LR
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
+def test_sequence_logprobs_and_logratios_by_hand(average):
+    policy = t(padded(POLICY_TOKENS, POLICY_JUNK))
+    ref = t(padded(REF_TOKENS, REF_JUNK))
+    divisors = NUM_TOKENS if average else [1] * 6
+    policy_logps = masked_sequence_logprobs(policy, loss_mask(), average=average)
+    ref_logps = masked_sequence_logprobs(ref, loss_mask(), average=average)
+    assert policy_logps.tolist() == pytest.approx([s / n for s, n in zip(SUMMED_POLICY, divisors)], rel=1e-6)
+    assert ref_logps.tolist() == pytest.approx([s / n for s, n in zip(SUMMED_REF, divisors)], rel=1e-6)
+    # Reducing the per-token difference (what the model does) gives the hand log-ratios.
+    chosen, rejected = logratios_from_tokens(policy, average)
+    chosen_lr, rejected_lr = hand_logratios(average)
+    assert chosen.tolist() == pytest.approx(chosen_lr, rel=1e-6, abs=1e-7)
+    assert rejected.tolist() == pytest.approx(rejected_lr, rel=1e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
 @pytest.mark.parametrize("loss_type", BUILTIN_LOSSES)
 def test_per_pair_losses_by_hand(loss_type, average):
-    chosen_lr = AVERAGED_CHOSEN_LR if average else SUMMED_CHOSEN_LR
-    rejected_lr = AVERAGED_REJECTED_LR if average else SUMMED_REJECTED_LR
+    chosen, rejected = logratios_from_tokens(t(padded(POLICY_TOKENS, POLICY_JUNK)), average)
+    gt_chosen, gt_rejected = gt_rewards()
     per_pair = get_preference_loss(loss_type)(
-        t(chosen_lr), t(rejected_lr), beta=BETA,
-        gt_rewards_chosen=t(GT_REWARDS[:3]), gt_rewards_rejected=t(GT_REWARDS[3:]), gt_reward_scale=GT_SCALE,
+        chosen, rejected, beta=BETA,
+        gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=GT_SCALE,
     )
+    chosen_lr, rejected_lr = hand_logratios(average)
     expected = [hand_pair_loss(loss_type, c - r, g, BETA) for c, r, g in zip(chosen_lr, rejected_lr, GT_MARGINS)]
     assert per_pair.shape == (3,)
+    assert per_pair.dtype == torch.float32
     assert per_pair.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-@pytest.mark.parametrize("with_sft", [False, True], ids=["no_sft", "sft"])
-@pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
-@pytest.mark.parametrize("loss_type", BUILTIN_LOSSES)
-def test_total_loss_by_hand(loss_type, average, with_sft):
-    pref_weight, sft_weight = (0.9, 0.7) if with_sft else (1.0, 0.0)
-    loss, metrics = run(
-        loss_type, preference_loss_weight=pref_weight, sft_loss_weight=sft_weight,
-        preference_average_log_probs=average,  # the SFT averaging follows it by default
-    )
-    if average:
-        preference = hand_mean_loss(loss_type, AVERAGED_CHOSEN_LR, AVERAGED_REJECTED_LR)
-        sft = AVERAGED_SFT if with_sft else 0.0
-    else:
-        preference = hand_mean_loss(loss_type, SUMMED_CHOSEN_LR, SUMMED_REJECTED_LR)
-        sft = SUMMED_SFT if with_sft else 0.0
-    total = pref_weight * preference + sft_weight * sft
-    assert loss.shape == ()
-    assert loss.item() == pytest.approx(total, rel=1e-5)
-    assert metrics["loss"].item() == pytest.approx(total, rel=1e-5)
-    assert metrics["preference_loss"].item() == pytest.approx(preference, rel=1e-5)
-    assert metrics["sft_loss"].item() == pytest.approx(sft, rel=1e-6)
-
-
-def test_sft_averaging_is_independent_of_preference_averaging():
-    _, metrics = run(sft_loss_weight=1.0, preference_average_log_probs=False, sft_average_log_probs=True)
-    assert metrics["sft_loss"].item() == pytest.approx(AVERAGED_SFT, rel=1e-6)
-    assert metrics["preference_loss"].item() == pytest.approx(
-        hand_mean_loss("dpo", SUMMED_CHOSEN_LR, SUMMED_REJECTED_LR), rel=1e-5
-    )
-    _, metrics = run(sft_loss_weight=1.0, preference_average_log_probs=True, sft_average_log_probs=False)
-    assert metrics["sft_loss"].item() == pytest.approx(SUMMED_SFT, rel=1e-6)
+    assert per_pair.mean(0).item() == pytest.approx(sum(expected) / 3, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
 def test_reward_and_accuracy_metrics_by_hand(average):
-    _, metrics = run(preference_average_log_probs=average)
+    chosen_lr, rejected_lr = logratios_from_tokens(t(padded(POLICY_TOKENS, POLICY_JUNK)), average)
+    metrics = preference_metrics(chosen_lr, rejected_lr, BETA)
     if average:
         # beta * averaged log-ratios: chosen [0.25, -1/12, 0], rejected [-1/16, 0.25, 0]
         chosen, rejected = [0.25, -1.0 / 12, 0.0], [-1.0 / 16, 0.25, 0.0]
@@ -149,20 +182,34 @@ def test_reward_and_accuracy_metrics_by_hand(average):
     everything = chosen + rejected
     mean_all = sum(everything) / 6
     std_all = math.sqrt(sum((x - mean_all) ** 2 for x in everything) / 5)  # unbiased
+    assert sorted(metrics) == [
+        "acc", "rewards_all_mean", "rewards_all_std", "rewards_chosen_mean", "rewards_rejected_mean",
+    ]
     # Only the first pair has chosen > rejected; the tie in the third does not count.
     assert metrics["acc"].item() == pytest.approx(1.0 / 3)
     assert metrics["rewards_chosen_mean"].item() == pytest.approx(sum(chosen) / 3, abs=1e-7)
     assert metrics["rewards_rejected_mean"].item() == pytest.approx(sum(rejected) / 3, abs=1e-7)
     assert metrics["rewards_all_mean"].item() == pytest.approx(mean_all, abs=1e-7)
     assert metrics["rewards_all_std"].item() == pytest.approx(std_all, rel=1e-6)
+
+
+def test_metrics_are_detached_and_accuracy_ignores_beta_sign():
+    chosen = t([1.0, -2.0], requires_grad=True)
+    rejected = t([0.0, 0.0], requires_grad=True)
+    metrics = preference_metrics(chosen, rejected, -0.5)
     assert not any(value.requires_grad for value in metrics.values())
+    assert metrics["acc"].item() == 0.5  # compares log-ratios, not beta-scaled rewards
+    assert metrics["rewards_chosen_mean"].item() == pytest.approx(-0.5 * (1.0 - 2.0) / 2)
 
 
 def test_equal_chosen_and_rejected_is_ln2_with_zero_accuracy():
-    same = t([-3.0, -5.0, -3.0, -5.0])  # two pairs whose chosen and rejected rows are equal
-    loss, metrics = preference_loss_and_metrics(same, t([-1.0, -2.0, -1.0, -2.0]), beta=0.1)
+    # Two pairs whose chosen and rejected rows are identical token for token.
+    policy = t([[-1.0, -2.0], [-2.0, -3.0], [-1.0, -2.0], [-2.0, -3.0]])
+    ref = t([[-0.5, -0.5], [-1.0, -1.0], [-0.5, -0.5], [-1.0, -1.0]])
+    chosen, rejected = split_chosen_rejected(masked_sequence_logprobs(policy - ref, torch.ones(4, 2), average=False))
+    loss = dpo_loss(chosen, rejected, beta=0.1).mean(0)
     assert loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
-    assert metrics["acc"].item() == 0.0
+    assert preference_metrics(chosen, rejected, 0.1)["acc"].item() == 0.0
 
 
 def test_unknown_loss_error_lists_valid_names():
@@ -172,8 +219,6 @@ def test_unknown_loss_error_lists_valid_names():
     assert "'dpoo'" in message
     for name in BUILTIN_LOSSES:
         assert name in message
-    with pytest.raises(ValueError, match="dpoo"):
-        run("dpoo")
 
 
 def test_custom_registered_loss_is_used():
@@ -183,11 +228,15 @@ def test_custom_registered_loss_is_used():
 
     try:
         assert get_preference_loss("test_hinge") is hinge
-        loss, _ = run("test_hinge")
+        chosen, rejected = logratios_from_tokens(t(padded(POLICY_TOKENS, POLICY_JUNK)), average=False)
+        per_pair = get_preference_loss("test_hinge")(chosen, rejected, beta=BETA)
         # beta * margins = 0.5 * [1.5, -1, 0] -> hinge [0.25, 1.5, 1.0]
-        assert loss.item() == pytest.approx((0.25 + 1.5 + 1.0) / 3)
+        assert per_pair.tolist() == pytest.approx([0.25, 1.5, 1.0])
         with pytest.raises(ValueError, match="already registered"):
             register_preference_loss("test_hinge")(hinge)
+        with pytest.raises(ValueError, match="already registered"):
+            register_preference_loss("dpo")(hinge)
+        assert get_preference_loss("dpo") is dpo_loss
     finally:
         PREFERENCE_LOSSES.pop("test_hinge")
 
@@ -199,37 +248,40 @@ def test_builtin_names():
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 @pytest.mark.parametrize("loss_type", BUILTIN_LOSSES)
 def test_huge_logratios_stay_finite(loss_type, beta):
-    policy = t([1e4, -1e4, -1e4, 1e4], requires_grad=True)  # log-ratios of magnitude 1e4 both ways
-    loss, metrics = preference_loss_and_metrics(
-        policy, torch.zeros(4), beta=beta, loss_type=loss_type, gt_rewards=t([1e4, -1e4, -1e4, 1e4]),
-        sft_loss_weight=0.1,
+    # Log-ratios of magnitude 1e4 both ways, and ground-truth margins as large.
+    policy = t([[5e3, 5e3], [-5e3, -5e3], [-5e3, -5e3], [5e3, 5e3]], requires_grad=True)
+    chosen, rejected = split_chosen_rejected(
+        masked_sequence_logprobs(policy - torch.zeros(4, 2), torch.ones(4, 2), average=False)
     )
+    gt_chosen, gt_rejected = split_chosen_rejected(t([1e4, -1e4, -1e4, 1e4]))
+    loss = get_preference_loss(loss_type)(
+        chosen, rejected, beta=beta, gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected,
+    ).mean(0)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(policy.grad).all()
-    assert all(torch.isfinite(value) for value in metrics.values())
+    assert all(torch.isfinite(value) for value in preference_metrics(chosen, rejected, beta).values())
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
 def test_dpo_gradient_by_hand(average):
-    policy = t(POLICY, requires_grad=True)
-    sft_weight = 0.7
-    loss, _ = preference_loss_and_metrics(
-        policy, t(REF), torch.tensor(NUM_TOKENS), beta=BETA, sft_loss_weight=sft_weight,
-        preference_average_log_probs=average,
-    )
-    loss.backward()
-    chosen_lr = AVERAGED_CHOSEN_LR if average else SUMMED_CHOSEN_LR
-    rejected_lr = AVERAGED_REJECTED_LR if average else SUMMED_REJECTED_LR
+    policy = t(padded(POLICY_TOKENS, POLICY_JUNK), requires_grad=True)
+    chosen, rejected = logratios_from_tokens(policy, average)
+    dpo_loss(chosen, rejected, beta=BETA).mean(0).backward()
+    chosen_lr, rejected_lr = hand_logratios(average)
     tokens = NUM_TOKENS if average else [1] * 6
-    expected = [0.0] * 6
+    per_token = [0.0] * 6
     for i, (c, r) in enumerate(zip(chosen_lr, rejected_lr)):
         # d/dx [-logsigmoid(beta x)] = -beta sigmoid(-beta x), x = margin; the mean over 3 pairs
         # divides by 3 and averaging divides each row by its token count.
         dmargin = -BETA * sigmoid(-BETA * (c - r)) / 3
-        expected[i] = dmargin / tokens[i] - sft_weight / 3 / tokens[i]  # SFT: d(-mean chosen logp)
-        expected[3 + i] = -dmargin / tokens[3 + i]
-    assert policy.grad.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        per_token[i] = dmargin / tokens[i]
+        per_token[3 + i] = -dmargin / tokens[3 + i]
+    # Every masked-in token of a row gets its row's gradient; masked-out positions get none.
+    expected = padded([[g] * len(row) for g, row in zip(per_token, POLICY_TOKENS)], 0.0)
+    assert torch.isfinite(policy.grad).all()
+    for got, want in zip(policy.grad.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
 def test_dpo_loss_gradient_single_pair():
@@ -240,12 +292,18 @@ def test_dpo_loss_gradient_single_pair():
 
 @pytest.mark.parametrize("loss_type", ["rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"])
 def test_rpo_needs_ground_truth_rewards(loss_type):
+    chosen, rejected = t(SUMMED_CHOSEN_LR), t(SUMMED_REJECTED_LR)
+    loss_fn = get_preference_loss(loss_type)
     with pytest.raises(ValueError, match="ground-truth rewards"):
-        preference_loss_and_metrics(t(POLICY), t(REF), beta=BETA, loss_type=loss_type)
+        loss_fn(chosen, rejected, beta=BETA)
+    with pytest.raises(ValueError, match="ground-truth rewards"):
+        loss_fn(chosen, rejected, beta=BETA, gt_rewards_chosen=t(GT_REWARDS[:3]))
 
 
-def test_bad_inputs():
-    with pytest.raises(ValueError, match="num_tokens"):
-        preference_loss_and_metrics(t(POLICY), t(REF), beta=BETA, preference_average_log_probs=True)
+def test_odd_row_counts_raise():
     with pytest.raises(ValueError, match="even number of rows"):
-        preference_loss_and_metrics(t(POLICY[:5]), t(REF[:5]), beta=BETA)
+        split_chosen_rejected(t(SUMMED_POLICY[:5]))
+    with pytest.raises(ValueError, match="even number of rows"):
+        split_chosen_rejected(t(padded(POLICY_TOKENS[:5], 0.0)))
+    chosen, rejected = split_chosen_rejected(t(SUMMED_POLICY))
+    assert chosen.tolist() == SUMMED_POLICY[:3] and rejected.tolist() == SUMMED_POLICY[3:]

@@ -43,11 +43,12 @@ def test_default_run_starts_at_ln2_and_saves(single_process):
     assert series(records, "train/loss")[0] == LN2_FP32
     assert series(records, "train/acc")[0] == 0.0
     assert len(series(records, "train/loss")) == 3 and len(series(records, "val/loss")) == 1
-    checkpoints = [p for p in (log_dir / "checkpoints").iterdir() if p.name.endswith("-last")]
-    assert len(checkpoints) == 1 and is_complete(checkpoints[0])
-    assert "step=3" in checkpoints[0].name and "consumed_samples=96" in checkpoints[0].name
-    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
-    assert state["step"] == 3 and state["consumed_samples"] == 96
+    names = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
+    val_loss = series(records, "val/loss")[0]
+    assert names == ["final_model", f"megatron_gpt--val_loss={val_loss:.3f}-step=3-consumed_samples=96-epoch=0"]
+    assert all(is_complete(log_dir / "checkpoints" / name) for name in names)
+    state = json.loads((log_dir / "checkpoints" / names[1] / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["consumed_samples"] == 96 and state["val_loss"] == pytest.approx(val_loss)
     assert (log_dir / "config.yaml").is_file()
     assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events were not written"
 

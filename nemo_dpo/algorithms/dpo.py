@@ -93,6 +93,7 @@ class DPOTrainer:
         self.run_timer = run_timer
         self.step = 0
         self.consumed_samples = 0
+        self.skipped_steps = 0
         self.num_steps_per_epoch = steps_per_epoch(cfg, train_dataloader.batch_sampler)
         if self.num_steps_per_epoch <= 0:
             raise ValueError("the training data gives no step per epoch (check global_batch_size and limit_train_batches)")
@@ -105,20 +106,33 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ steps
     def train_single_step(self, global_batch: dict) -> tuple[float, dict]:
-        """Forward, backward and optimizer step on one global batch."""
+        """Forward, backward and optimizer step on one global batch.
+
+        A non-finite loss or gradient norm never updates the weights: it raises
+        :class:`NonFiniteLossError`, or with ``skip_nonfinite_steps`` the step is
+        skipped and counted in ``skipped_steps``.
+        """
         self.optimizer.zero_grad()
         self.model.prepare_for_training_step()
         loss, metrics = self.model.get_loss_and_metrics(batch=global_batch, forward_only=False)
         self.model.finish_training_step()
         lr = self.optimizer.param_groups[0]["lr"]
-        success, grad_norm, _ = self.optimizer.step(clip_grad=self.cfg.get("gradient_clip_val", 0.0))
-        if not (success and math.isfinite(loss)):
-            raise NonFiniteLossError(
-                f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                "the weights were not updated and the last saved checkpoint is intact"
-            )
+        success, grad_norm = False, math.nan
+        if math.isfinite(loss):
+            success, grad_norm, _ = self.optimizer.step(clip_grad=self.cfg.get("gradient_clip_val", 0.0))
+        if not success:
+            if not self.cfg.get("skip_nonfinite_steps", False):
+                raise NonFiniteLossError(
+                    f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); the "
+                    "weights were not updated and the last saved checkpoint is intact "
+                    "(trainer.dpo.skip_nonfinite_steps=True skips such steps instead)"
+                )
+            self.optimizer.zero_grad()
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient norm, update skipped", self.step + 1)
+        # The schedule follows the step count, skipped steps included.
         self.scheduler.step()
-        return loss, {**metrics, "grad_norm": grad_norm, "lr": lr, "loss": loss}
+        return loss, {**metrics, "grad_norm": grad_norm, "lr": lr, "loss": loss, "skipped_steps": self.skipped_steps}
 
     def validation_step(self, global_batch: dict) -> tuple[float, dict]:
         self.model.prepare_for_validation_step()
@@ -220,11 +234,13 @@ class DPOTrainer:
         self.max_steps = compute_max_steps(self.cfg, self.train_dataloader.batch_sampler)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step = int(state_dict["step"])
         self.consumed_samples = int(state_dict["consumed_samples"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.set_max_steps()
 
     @property

@@ -1,9 +1,9 @@
 """Preference losses (DPO, IPO, RPO) as pure functions of per-sequence log-probs.
 
-The formulas follow NeMo Aligner's ``MegatronGPTDPOModel.loss_func`` and
-``sft_loss_func``. As there, a micro-batch holds ``B`` pairs as ``2B`` rows:
-every chosen response first, then every rejected one in the same order, so
-row ``i`` and row ``B + i`` form pair ``i``.
+The formulas follow NeMo Aligner's ``MegatronGPTDPOModel.loss_func``, which
+``nemo_dpo``'s model assembles from these pieces. As there, a micro-batch holds
+``B`` pairs as ``2B`` rows: every chosen response first, then every rejected one
+in the same order, so row ``i`` and row ``B + i`` form pair ``i``.
 
 Every loss is a function of the per-pair log-ratios
 ``log pi(y|x) - log pi_ref(y|x)`` of the chosen and rejected responses and
@@ -53,17 +53,15 @@ def get_preference_loss(name: str) -> PreferenceLoss:
         raise ValueError(f"unknown preference_loss {name!r}; valid names: {valid}") from None
 
 
-def _mean_per_token(summed: Tensor, num_tokens: Tensor) -> Tensor:
-    # A sequence with no loss tokens averages to 0 rather than dividing by zero.
-    return summed / num_tokens.to(summed.dtype).clamp(min=1)
-
-
 def masked_sequence_logprobs(token_logprobs: Tensor, loss_mask: Tensor, average: bool) -> Tensor:
     """fp32 ``[batch]`` log-prob of each sequence over its masked-in tokens: sum, or mean if ``average``."""
     mask = loss_mask.bool()
     # `where`, not a product: masked-out positions may hold -inf, and -inf * 0 is NaN.
     summed = torch.where(mask, token_logprobs.float(), 0.0).sum(-1)
-    return _mean_per_token(summed, mask.sum(-1)) if average else summed
+    if not average:
+        return summed
+    # A sequence with no loss tokens averages to 0 rather than dividing by zero.
+    return summed / mask.sum(-1).to(summed.dtype).clamp(min=1)
 
 
 def split_chosen_rejected(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,68 +139,3 @@ def preference_metrics(chosen_logratios: Tensor, rejected_logratios: Tensor, bet
         "rewards_all_mean": rewards_all.mean(),
         "rewards_all_std": rewards_all.std(),  # unbiased, like torch.std in NeMo Aligner
     }
-
-
-def preference_loss_and_metrics(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    num_tokens: Tensor | None = None,
-    *,
-    beta: float,
-    loss_type: str = "dpo",
-    gt_rewards: Tensor | None = None,
-    gt_reward_scale: float = 1.0,
-    preference_loss_weight: float = 1.0,
-    sft_loss_weight: float = 0.0,
-    preference_average_log_probs: bool = False,
-    sft_average_log_probs: bool | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total DPO-family loss of one micro-batch, and its metrics.
-
-    Args:
-        policy_logps: ``[2B]`` per-sequence log-probs of the policy, *summed* over
-            loss tokens, rows [all chosen; all rejected]. Carries the gradient.
-        ref_logps: ``[2B]`` the same for the reference policy.
-        num_tokens: ``[2B]`` loss-token count of each row; needed only when a
-            log-prob is averaged.
-        beta: ``ref_policy_kl_penalty``.
-        loss_type: name in ``PREFERENCE_LOSSES``.
-        gt_rewards: ``[2B]`` ground-truth rewards, same layout; RPO losses only.
-        sft_average_log_probs: ``None`` follows ``preference_average_log_probs``.
-
-    Returns:
-        ``preference_loss_weight * mean(preference loss) + sft_loss_weight * mean(-chosen logp)``,
-        and detached metrics ``loss, sft_loss, preference_loss, acc, rewards_*``.
-    """
-    if sft_average_log_probs is None:
-        sft_average_log_probs = preference_average_log_probs
-    if num_tokens is None and (preference_average_log_probs or (sft_loss_weight and sft_average_log_probs)):
-        raise ValueError("num_tokens is required to average log-probs over tokens")
-    loss_fn = get_preference_loss(loss_type)
-
-    def per_sequence(summed: Tensor, average: bool) -> Tensor:
-        return _mean_per_token(summed, num_tokens) if average else summed
-
-    # Averaging is linear, so averaging the log-ratio equals differencing the averages.
-    logratios = per_sequence(policy_logps.float() - ref_logps.float(), preference_average_log_probs)
-    chosen_logratios, rejected_logratios = split_chosen_rejected(logratios)
-    gt_chosen, gt_rejected = split_chosen_rejected(gt_rewards) if gt_rewards is not None else (None, None)
-    preference_loss = loss_fn(
-        chosen_logratios, rejected_logratios, beta=beta,
-        gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=gt_reward_scale,
-    ).mean(0)
-
-    # As in NeMo Aligner, the SFT term is not computed (and logs 0) when its weight is 0.
-    sft_loss = torch.zeros_like(preference_loss)
-    if sft_loss_weight != 0:
-        chosen_logps, _ = split_chosen_rejected(per_sequence(policy_logps.float(), sft_average_log_probs))
-        sft_loss = -chosen_logps.mean(0)
-
-    loss = preference_loss_weight * preference_loss + sft_loss_weight * sft_loss
-    metrics = {
-        "loss": loss.detach(),
-        "sft_loss": sft_loss.detach(),
-        "preference_loss": preference_loss.detach(),
-        **preference_metrics(chosen_logratios, rejected_logratios, beta),
-    }
-    return loss, metrics

@@ -15,6 +15,10 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
@@ -85,11 +89,40 @@ class DistributedAdamW:
         self.zero_grad()
         return True, grad_norm, None
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Adam moments as sharded tensors keyed like their parameters, so they reshard.
 
-    def load_state_dict(self, state_dict: dict) -> None:
+        ``model_sharded_state_dict`` must come from the same model chunks. For
+        loading, empty moments are created first so there is something to load into.
+        """
+        if is_loading:
+            self._create_empty_state()
+        state_dict = self.optimizer.state_dict()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        steps = {float(state["step"]) for state in state_dict["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"parameters disagree on the optimizer step: {sorted(steps)}")
+        optim_state_to_sharding_state(
+            state_dict, get_param_id_to_sharded_param_map(model_sharded_state_dict, params), exclude_keys=("step",)
+        )
+        # One step for all: per-parameter steps would not survive resharding.
+        state_dict["common_step"] = steps.pop() if steps else 0.0
+        return state_dict
+
+    def load_sharded_state_dict(self, state_dict: dict) -> None:
+        """Load what ``sharded_state_dict(..., is_loading=True)`` was filled with."""
+        step = state_dict.pop("common_step")
+        for param_state in state_dict["state"].values():
+            param_state["step"] = torch.tensor(step)
         self.optimizer.load_state_dict(state_dict)
+
+    def _create_empty_state(self) -> None:
+        for param in self.params:
+            state = self.optimizer.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def global_grad_norm(params) -> float:

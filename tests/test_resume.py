@@ -1,0 +1,98 @@
+"""Crash-safe checkpoints: SIGKILL at any moment, resume (at any layout), same losses."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_dpo.checkpoint.dist_ckpt import is_complete
+from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint, read_trainer_state
+from test_train_gpt_dpo import REPO, run_example, series
+
+STEPS = 8
+RUN = [f"trainer.dpo.max_steps={STEPS}", "trainer.dpo.save_interval=1", "trainer.dpo.val_check_interval=4",
+       "trainer.dpo.limit_val_batches=1", "model.global_batch_size=16", "model.micro_batch_size=4",
+       "exp_manager.checkpoint_callback_params.save_top_k=-1"]
+
+
+def launch(log_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(REPO / "examples" / "train_gpt_dpo.py"), f"exp_manager.explicit_log_dir={log_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_when(process: subprocess.Popen, condition, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "timed out waiting to kill the run"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def logged_steps(log_dir: Path) -> int:
+    path = log_dir / "metrics.jsonl"
+    return len(series([json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")], "train/loss")) if path.exists() else 0
+
+
+def losses_by_step(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return losses_by_step(run_example(tmp_path_factory.mktemp("full"), *RUN))
+
+
+def test_sigkill_at_random_step_then_resume_matches(uninterrupted, tmp_path):
+    kill_after = random.Random().randint(2, STEPS - 2)
+    kill_when(launch(tmp_path, *RUN), lambda: logged_steps(tmp_path) >= kill_after)
+    resumed_from = find_resume_checkpoint(tmp_path / "checkpoints")
+    assert resumed_from is not None
+    start = read_trainer_state(resumed_from)["step"]
+    records = run_example(tmp_path, *RUN)  # resume_if_exists is on by default
+    got = losses_by_step(records)
+    # The resumed run logs steps start+1.. (the killed one may have logged some of them too).
+    for step in range(start + 1, STEPS + 1):
+        assert got[step] == pytest.approx(uninterrupted[step], abs=1e-6), (step, kill_after, start)
+
+
+def test_sigkill_during_a_save_falls_back_to_previous_checkpoint(uninterrupted, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+
+    def saving_third():
+        if not checkpoints.is_dir():
+            return False
+        folders = list(checkpoints.iterdir())
+        return any(p.name.endswith(".tmp") for p in folders) and sum(map(is_complete, folders)) >= 2
+
+    kill_when(launch(tmp_path, *RUN), saving_third)
+    interrupted = [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]
+    assert interrupted and checkpoint_problem(interrupted[0]) is not None
+    resumed_from = find_resume_checkpoint(checkpoints)
+    assert resumed_from is not None and not resumed_from.name.endswith(".tmp")
+    start = read_trainer_state(resumed_from)["step"]
+    got = losses_by_step(run_example(tmp_path, *RUN))
+    for step in range(start + 1, STEPS + 1):
+        assert got[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
+
+
+def test_truncated_checkpoint_is_named_and_skipped(uninterrupted, tmp_path):
+    run_example(tmp_path, *RUN)
+    newest = find_resume_checkpoint(tmp_path / "checkpoints")
+    shard = next((newest / "optimizer").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "truncated" in checkpoint_problem(newest) and shard.name in checkpoint_problem(newest)
+    fallback = find_resume_checkpoint(tmp_path / "checkpoints")
+    assert fallback != newest and read_trainer_state(fallback)["step"] == STEPS - 1
+    with pytest.raises(AssertionError, match="cannot be resumed from: optimizer/.*truncated"):
+        # Checkpoint names hold '=': Hydra needs the path quoted.
+        run_example(tmp_path / "again", *RUN, f"exp_manager.resume_from_checkpoint='{newest}'")
