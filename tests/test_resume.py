@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,3 +97,51 @@ def test_truncated_checkpoint_is_named_and_skipped(uninterrupted, tmp_path):
     with pytest.raises(AssertionError, match="cannot be resumed from: optimizer/.*truncated"):
         # Checkpoint names hold '=': Hydra needs the path quoted.
         run_example(tmp_path / "again", *RUN, f"exp_manager.resume_from_checkpoint='{newest}'")
+
+
+def test_resume_on_another_layout(uninterrupted, tmp_path):
+    """Saved at (TP, PP) = (2, 1); resumed at (1, 2) and at (1, 1) from step 4."""
+    saved = tmp_path / "tp2"
+    run_example(saved, *RUN, "model.tensor_model_parallel_size=2", nproc=2)
+    for folder in (saved / "checkpoints").iterdir():
+        if folder.name != "final_model" and read_trainer_state(folder)["step"] > 4:
+            shutil.rmtree(folder)
+    for name, layout, nproc in (("pp2", "model.pipeline_model_parallel_size=2", 2), ("single", "model.seed=1234", 1)):
+        shutil.copytree(saved / "checkpoints", tmp_path / name / "checkpoints")
+        got = losses_by_step(run_example(tmp_path / name, *RUN, layout, nproc=nproc))
+        assert sorted(got) == [5, 6, 7, 8]
+        for step in got:
+            assert got[step] == pytest.approx(uninterrupted[step], abs=1e-5), (name, step)
+
+
+def test_save_top_k_keeps_best_two_and_newest(tmp_path):
+    records = run_example(tmp_path, "trainer.dpo.max_steps=6", "trainer.dpo.save_interval=1",
+                          "trainer.dpo.val_check_interval=1", "trainer.dpo.limit_val_batches=1",
+                          "model.global_batch_size=16", "model.micro_batch_size=4",
+                          "exp_manager.checkpoint_callback_params.save_top_k=2")
+    val_loss = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+    best_two = sorted(val_loss, key=val_loss.get)[:2]
+    kept = {read_trainer_state(p)["step"] for p in (tmp_path / "checkpoints").iterdir() if p.name != "final_model"}
+    assert kept == set(best_two) | {6}, (val_loss, kept)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    good = RUN[:1] + ["trainer.dpo.max_steps=2", *RUN[1:]]
+    run_example(tmp_path, *good)  # two good steps, checkpoints at 1 and 2
+    last_good = find_resume_checkpoint(tmp_path / "checkpoints")
+    # A NaN beta makes every later loss NaN; the run resumes at step 2 and must stop at step 3.
+    poisoned = [*RUN, "model.dpo.ref_policy_kl_penalty=nan"]
+    with pytest.raises(AssertionError, match=r"NonFiniteLossError: step 3: non-finite loss \(nan\)"):
+        run_example(tmp_path, *poisoned)
+    assert find_resume_checkpoint(tmp_path / "checkpoints") == last_good and checkpoint_problem(last_good) is None
+    records = run_example(tmp_path, *poisoned, "trainer.dpo.skip_nonfinite_steps=True")
+    skipped = series(records, "train/skipped_steps")
+    assert skipped[-1] == STEPS - 2 and series(records, "train/grad_norm")[-1] == "nan"  # logged as text
+
+
+def test_max_time_stops_after_saving(tmp_path):
+    records = run_example(tmp_path, *RUN, "trainer.max_time=00:00:00:01", "trainer.dpo.save_interval=0")
+    steps = series(records, "train/loss")
+    assert len(steps) < STEPS
+    saved = find_resume_checkpoint(tmp_path / "checkpoints")
+    assert saved is not None and read_trainer_state(saved)["step"] == len(steps)
