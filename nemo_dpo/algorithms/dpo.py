@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from nemo_dpo.data.collate import dpo_custom_collate
-from nemo_dpo.parallel.initialize import accelerator_device
+from nemo_dpo.parallel.initialize import accelerator_device, barrier, is_rank0
 
 __all__ = ["DPOTrainer", "NonFiniteLossError", "compute_max_steps", "dpo_custom_collate"]
 
@@ -62,10 +62,6 @@ def compute_max_steps(cfg, train_batch_sampler) -> int:
     max_steps = steps_per_epoch(cfg, train_batch_sampler) * cfg.max_epochs
     cap = cfg.get("max_steps", -1)
     return max_steps if cap is None or cap < 0 else min(max_steps, cap)
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class DPOTrainer:
@@ -147,7 +143,7 @@ class DPOTrainer:
         pairs_seen = 0
         progress = tqdm(
             zip(range(self.limit_val_batches), self.augment_dataloader(self.val_dataloader)),
-            total=self.limit_val_batches, desc="Validation steps", leave=False, disable=not _is_rank0(),
+            total=self.limit_val_batches, desc="Validation steps", leave=False, disable=not is_rank0(),
         )
         for _, batch in progress:
             start = time.perf_counter()
@@ -181,7 +177,7 @@ class DPOTrainer:
                 break
             progress = tqdm(
                 self.augment_dataloader(self.train_dataloader), initial=self.step, total=self.max_steps,
-                desc="Training steps", leave=True, disable=not _is_rank0(),
+                desc="Training steps", leave=True, disable=not is_rank0(),
             )
             for _, global_batch in zip(range(steps_left), progress):
                 start = time.perf_counter()
@@ -225,8 +221,7 @@ class DPOTrainer:
     # ------------------------------------------------------------ checkpoints
     def save(self, extra_candidates: dict | None = None, is_train_end: bool = False) -> None:
         """Hand the trainer state and metrics to ``ckpt_callback`` (collective)."""
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         candidates = {**self.state_dict(), **(extra_candidates or {})}
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
 

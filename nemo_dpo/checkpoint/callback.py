@@ -8,10 +8,9 @@ import re
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-
 from nemo_dpo.checkpoint.pretrained import save_pretrained
 from nemo_dpo.checkpoint.training_checkpoint import read_trainer_state, save_training_checkpoint
+from nemo_dpo.parallel.initialize import barrier, is_rank0
 
 log = logging.getLogger(__name__)
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:[^}]*)?\}")
@@ -61,12 +60,11 @@ class CheckpointCallback:
         folder = self.dirpath / format_checkpoint_name(self.filename, values)
         save_training_checkpoint(folder, self.model, self.optimizer, self.scheduler, values,
                                  self.model_cfg, self.tokenizer_dir)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             self._prune(newest=folder)
         if is_train_end and self.save_final_model:
             save_pretrained(self.model.model, self.model_cfg, self.tokenizer_dir, self.dirpath / FINAL_MODEL)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         return folder
 
     def _prune(self, newest: Path) -> None:

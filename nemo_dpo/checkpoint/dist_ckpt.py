@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
+
+from nemo_dpo.parallel.initialize import barrier, is_rank0
 
 COMPLETE_MARKER = ".complete"
 # Checkpoint keys carry NeMo's "model." prefix so NeMo 1.0 mcore checkpoints line up.
@@ -35,15 +36,6 @@ def model_sharded_state_dict(model_chunks) -> dict:
     }
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def is_complete(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is a checkpoint whose save finished."""
     return (Path(folder) / COMPLETE_MARKER).is_file()
@@ -57,13 +49,13 @@ def atomic_checkpoint_dir(folder: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(folder)
     staging = final.with_name(final.name + ".tmp")
-    if _is_rank0():
+    if is_rank0():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    _barrier()
+    barrier()
     yield staging
-    _barrier()
-    if _is_rank0():
+    barrier()
+    if is_rank0():
         (staging / COMPLETE_MARKER).touch()
         _fsync_dir(staging)
         retired = final.with_name(final.name + ".old")
@@ -73,7 +65,7 @@ def atomic_checkpoint_dir(folder: str | os.PathLike) -> Iterator[Path]:
         os.replace(staging, final)
         _fsync_dir(final.parent)
         shutil.rmtree(retired, ignore_errors=True)
-    _barrier()
+    barrier()
 
 
 def save_model_weights(model_chunks, directory: str | os.PathLike) -> None:

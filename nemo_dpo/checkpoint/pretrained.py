@@ -16,10 +16,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nemo_dpo.checkpoint.dist_ckpt import atomic_checkpoint_dir, is_complete, load_model_weights, save_model_weights
+from nemo_dpo.parallel.initialize import barrier, is_rank0
 
 ARCHITECTURE_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -53,14 +53,13 @@ def save_pretrained(model_chunks, model_cfg, tokenizer_dir: str | Path, folder: 
     ``extra_files`` maps file names to text written beside the weights (e.g. trainer state).
     """
     with atomic_checkpoint_dir(folder) as staging:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             OmegaConf.save(OmegaConf.create(architecture_of(model_cfg)), staging / "model_config.yaml")
             shutil.copytree(tokenizer_dir, staging / "tokenizer")
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")
             (staging / "weights").mkdir()
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         save_model_weights(model_chunks, staging / "weights")
     return Path(folder)
 

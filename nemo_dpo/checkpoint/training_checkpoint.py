@@ -34,21 +34,13 @@ from nemo_dpo.checkpoint.dist_ckpt import (
     save_model_weights,
 )
 from nemo_dpo.checkpoint.pretrained import architecture_of
+from nemo_dpo.parallel.initialize import barrier, is_rank0
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 _DIST_FOLDERS = ("weights", "optimizer")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -65,7 +57,7 @@ def _all_rng_states() -> list[dict] | None:
     state = _rng_state()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [state]
-    gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+    gathered = [None] * dist.get_world_size() if is_rank0() else None
     dist.gather_object(state, gathered, dst=0)
     return gathered
 
@@ -75,14 +67,14 @@ def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, tr
     """Write a training checkpoint atomically (collective: call on every rank)."""
     rng_states = _all_rng_states()
     with atomic_checkpoint_dir(folder) as staging:
-        if _rank() == 0:
+        if is_rank0():
             OmegaConf.save(OmegaConf.create(architecture_of(model_cfg)), staging / "model_config.yaml")
             shutil.copytree(tokenizer_dir, staging / "tokenizer")
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
             torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states}, staging / TRAINING_STATE)
             for name in _DIST_FOLDERS:
                 (staging / name).mkdir()
-        _barrier()
+        barrier()
         save_model_weights(model.model, staging / "weights")
         sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model))
         dist_checkpointing.save({"optimizer": sharded}, str(staging / "optimizer"))
@@ -111,13 +103,13 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     rng = training_state["rng"]
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(rng) == world:
-        state = rng[_rank()]
+        state = rng[dist.get_rank() if dist.is_initialized() else 0]
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
-    elif _rank() == 0:
+    elif is_rank0():
         log.warning("%s was saved by %d ranks, resuming on %d: RNG states are not restored", folder, len(rng), world)
     return read_trainer_state(folder)
 
@@ -151,7 +143,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The newest resumable checkpoint under ``checkpoint_dir``, skipping damaged ones (rank 0 decides)."""
     choice: list = [None]
-    if _rank() == 0:
+    if is_rank0():
         root = Path(checkpoint_dir)
         candidates = []
         for folder in sorted(root.iterdir()) if root.is_dir() else []:

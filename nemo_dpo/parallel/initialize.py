@@ -102,6 +102,17 @@ def set_seed(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def is_rank0() -> bool:
+    """Whether this is global rank 0 (or a process without torch.distributed)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without torch.distributed."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy_parallel() -> None:
     """Tear down megatron-core's groups and torch.distributed (for tests and clean exits)."""
     if parallel_state.model_parallel_is_initialized():

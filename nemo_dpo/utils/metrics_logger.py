@@ -6,14 +6,14 @@ import json
 import math
 from pathlib import Path
 
-import torch.distributed as dist
+from nemo_dpo.parallel.initialize import is_rank0
 
 
 class MetricsLogger:
     """``log_metrics(metrics, step, prefix)`` / ``finalize()``, the logger interface DPOTrainer calls."""
 
     def __init__(self, log_dir: str | Path, use_tensorboard: bool = True):
-        self.active = not dist.is_initialized() or dist.get_rank() == 0
+        self.active = is_rank0()
         self.log_dir = Path(log_dir)
         self._file = None
         self._tensorboard = None
