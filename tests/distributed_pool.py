@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import signal
 import socket
 import traceback
 
@@ -22,6 +23,8 @@ def _worker(rank: int, tasks, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # Own process group: close() must also end what megatron's checkpoint writer spawns.
+    os.setsid()
     parent = os.getppid()
     while True:
         try:
@@ -100,7 +103,10 @@ class DistributedPool:
 
     def close(self) -> None:
         for proc in self._procs:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.join()
 
 
