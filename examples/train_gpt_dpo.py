@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_dpo.algorithms.dpo import DPOTrainer, compute_max_steps, dpo_custom_collate
 from nemo_dpo.checkpoint.callback import CheckpointCallback
-from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR, load_pretrained_weights, read_model_config
+from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
+from nemo_dpo.checkpoint.restore import open_pretrained
 from nemo_dpo.checkpoint.training_checkpoint import (
     checkpoint_problem,
     find_resume_checkpoint,
@@ -30,7 +31,6 @@ from nemo_dpo.data import (
     MegatronPretrainingBatchSampler,
     MegatronPretrainingRandomBatchSampler,
     build_dataloader,
-    load_tokenizer,
 )
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
@@ -98,16 +98,18 @@ def main(cfg: DictConfig) -> None:
         seed=model_cfg.seed,
     )
 
-    # The checkpoint's architecture overrides the config's (NeMo's load_and_override_model_config).
-    checkpoint = Path(cfg.pretrained_checkpoint.restore_from_path or DEFAULT_MODEL_DIR)
+    # A nemo-dpo folder, a Hugging Face folder or a .nemo file; the checkpoint's
+    # architecture overrides the config's (NeMo's load_and_override_model_config).
+    source = open_pretrained(
+        cfg.pretrained_checkpoint.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=model_cfg.tokenizer.path
+    )
     with open_dict(model_cfg):
-        model_cfg.merge_with(read_model_config(checkpoint))
-    tokenizer_dir = Path(model_cfg.tokenizer.path or checkpoint / "tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-
-    chunks = build_gpt_model(model_cfg, tokenizer.vocab_size)
-    load_pretrained_weights(chunks, checkpoint)
-    model = MegatronGPTDPOModel(model_cfg, tokenizer.vocab_size, model_chunks=chunks)
+        model_cfg.merge_with(source.architecture)
+        model_cfg.vocab_size = source.vocab_size
+    tokenizer_dir, tokenizer = source.tokenizer_dir, source.load_tokenizer()
+    chunks = build_gpt_model(model_cfg, source.vocab_size)
+    source.load_weights(chunks)
+    model = MegatronGPTDPOModel(model_cfg, source.vocab_size, model_chunks=chunks)
 
     exp = cfg.exp_manager
     log_dir = Path(exp.explicit_log_dir or Path(exp.exp_dir) / exp.name)

@@ -26,6 +26,7 @@ ARCHITECTURE_KEYS = (
     "kv_channels", "normalization", "activation", "position_embedding_type", "rotary_base",
     "rotary_percentage", "share_embeddings_and_output_weights", "bias", "qkv_bias",
     "layernorm_epsilon", "encoder_seq_length", "max_position_embeddings", "make_vocab_size_divisible_by",
+    "vocab_size",
 )
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 
