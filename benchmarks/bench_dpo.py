@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from nemo_dpo.data.collate import dpo_custom_collate
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_dpo.optim.optimizer import DistributedAdamW
-from nemo_dpo.parallel.initialize import ParallelLayout, accelerator_device, destroy_parallel, initialize_parallel
+from nemo_dpo.parallel.device import accelerator_device
+from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
 
 EOS = 0
 BENCH_DIR = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nemo_dpo.checkpoint.pretrained import save_pretrained
 from nemo_dpo.checkpoint.training_checkpoint import read_trainer_state, save_training_checkpoint
-from nemo_dpo.parallel.initialize import barrier, is_rank0
+from nemo_dpo.parallel.collectives import barrier, is_rank0
 
 log = logging.getLogger(__name__)
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:[^}]*)?\}")

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from megatron.core import dist_checkpointing
 
-from nemo_dpo.parallel.initialize import barrier, is_rank0
+from nemo_dpo.parallel.collectives import barrier, is_rank0
 
 COMPLETE_MARKER = ".complete"
 # Checkpoint keys carry NeMo's "model." prefix so NeMo 1.0 mcore checkpoints line up.

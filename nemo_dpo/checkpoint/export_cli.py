@@ -63,13 +63,12 @@ def export(args: argparse.Namespace) -> Path:
 def main(argv=None) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     args = parse_args(argv)
+    from nemo_dpo.parallel.collectives import is_rank0
     from nemo_dpo.parallel.initialize import destroy_parallel
-
-    import torch.distributed as dist
 
     try:
         out = export(args)
-        if dist.get_rank() == 0:
+        if is_rank0():
             print(f"wrote {out}", flush=True)
     finally:
         destroy_parallel()

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nemo_dpo.parallel.collectives import barrier, is_rank0, raise_on_every_rank
 from nemo_dpo.checkpoint.tokenizer_files import TOKENIZER_FILES, load_tokenizer_dir
 from nemo_dpo.checkpoint.weight_transfer import (
     EMBEDDING_KEY,
@@ -495,8 +495,7 @@ def load_hf_weights(model_chunks, folder: str | os.PathLike, architecture: dict,
         fill_from(model_chunks, lambda slot: tensor_map.read_piece(slot, files.read_rows))
     finally:
         files.close()
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 # --------------------------------------------------------------------------- writing
@@ -582,7 +581,7 @@ def export_hf(
     appears complete or not at all (written under ``<out_dir>.tmp``, renamed).
     """
     out = Path(out_dir)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     # Everything that can be refused is refused on every rank, before any tensor moves.
     _exportable_family(architecture)
     tensor_map = HFTensorMap(architecture, vocab_size)
@@ -608,7 +607,7 @@ def export_hf(
             staging.mkdir(parents=True)
         except (OSError, ValueError) as err:
             error = err
-    _raise_everywhere(error)
+    raise_on_every_rank(error)
     writer = _ShardWriter(staging, max_shard_bytes) if rank0 else None
     for key, layer, full in gather_full_tensors(model_chunks):
         for name, tensor in tensor_map.to_hf(key, layer, full).items():
@@ -621,19 +620,8 @@ def export_hf(
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return out
-
-
-def _raise_everywhere(error: Exception | None) -> None:
-    """Raise ``error`` (known on rank 0) on every rank, so none waits in a collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:

@@ -32,12 +32,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.checkpoint.dist_ckpt import KEY_PREFIX, model_sharded_state_dict
+from nemo_dpo.parallel.collectives import barrier, raise_on_every_rank
 from nemo_dpo.checkpoint.tokenizer_files import stage_tokenizer_dir, tokenizer_files_in
 from nemo_dpo.checkpoint.weight_transfer import (
     LAYER_PREFIX,
@@ -108,12 +108,7 @@ def extract_nemo_archive(path: str | os.PathLike, extract_dir: str | os.PathLike
             _extract(path, base, target)
         except Exception as err:  # reported on every rank below
             error = f"could not unpack {path} into {target}: {err}"
-    if dist.is_initialized():
-        errors: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise RuntimeError(error)
+    raise_on_every_rank(RuntimeError(error) if error else None)
     if not (target / _COMPLETE).is_file():
         raise RuntimeError(f"{target} is not a complete unpacking of {path}")
     return target
@@ -500,5 +495,4 @@ def load_nemo_weights(model_chunks, folder: str | os.PathLike, architecture: dic
                   Path(folder))
     with torch.no_grad():
         fill_from(model_chunks, lambda slot: weights.read_piece(slot, vocab_size))
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_dpo.checkpoint.dist_ckpt import atomic_checkpoint_dir, is_complete, load_model_weights, save_model_weights
-from nemo_dpo.parallel.initialize import barrier, is_rank0
+from nemo_dpo.parallel.collectives import barrier, is_rank0
 
 ARCHITECTURE_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
@@ -34,7 +33,8 @@ from nemo_dpo.checkpoint.dist_ckpt import (
     save_model_weights,
 )
 from nemo_dpo.checkpoint.pretrained import architecture_of
-from nemo_dpo.parallel.initialize import barrier, is_rank0
+from nemo_dpo.parallel.collectives import barrier, broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
+from nemo_dpo.parallel.device import accelerator_rng_state, set_accelerator_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,13 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": accelerator_rng_state(),
     }
 
 
 def _all_rng_states() -> list[dict] | None:
     """Every rank's RNG state, on rank 0 (None elsewhere)."""
-    state = _rng_state()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [state]
-    gathered = [None] * dist.get_world_size() if is_rank0() else None
-    dist.gather_object(state, gathered, dst=0)
-    return gathered
+    return gather_objects_to_rank0(_rng_state())
 
 
 def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, trainer_state: dict,
@@ -101,14 +96,13 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     training_state = torch.load(folder / TRAINING_STATE, weights_only=False)
     scheduler.load_state_dict(training_state["scheduler"])
     rng = training_state["rng"]
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if len(rng) == world:
-        state = rng[dist.get_rank() if dist.is_initialized() else 0]
+        state = rng[rank()]
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+        set_accelerator_rng_state(state["cuda"])
     elif is_rank0():
         log.warning("%s was saved by %d ranks, resuming on %d: RNG states are not restored", folder, len(rng), world)
     return read_trainer_state(folder)
@@ -161,6 +155,5 @@ def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
                 choice[0] = str(folder)
                 break
             log.warning("cannot resume from %s: %s; trying an older checkpoint", folder, problem)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    chosen = broadcast_object(choice[0])
+    return Path(chosen) if chosen else None

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_dpo.models.nlp.gpt.init import iter_sharded_tensors
+from nemo_dpo.parallel.collectives import all_gather_objects
+from nemo_dpo.parallel.collectives import rank as this_rank
 
 LAYER_PREFIX = "decoder.layers."
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
@@ -91,11 +93,8 @@ def global_tensor_shapes(model_chunks) -> dict[tuple[str, int | None], tuple[int
     waiting in a collective.
     """
     local = {(s.key, s.layer): s.shape for s in iter_slots(model_chunks)}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
-        for shapes in everyone:
-            local.update(shapes)
+    for shapes in all_gather_objects(local):
+        local.update(shapes)
     return dict(sorted(local.items(), key=lambda item: _order(*item[0])))
 
 
@@ -120,10 +119,6 @@ def fill_from(model_chunks, read_piece: PieceReader) -> None:
         slot.data.copy_(piece)
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _order(key: str, layer: int | None) -> tuple:
     # Embedding first, then layer by layer, then the final norm and the output layer.
     if layer is not None:
@@ -141,12 +136,7 @@ def gather_full_tensors(model_chunks) -> Iterator[tuple[str, int | None, torch.T
     """
     local = [slot for slot in iter_slots(model_chunks) if slot.main_replica]
     meta = [(s.key, s.layer, s.shape, s.index, s.data.dtype) for s in local]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, meta)
-        rank = dist.get_rank()
-    else:
-        everyone, rank = [meta], 0
+    everyone, rank = all_gather_objects(meta), this_rank()
     pieces: dict[tuple, list] = {}
     for owner, owned in enumerate(everyone):
         for position, (key, layer, shape, index, dtype) in enumerate(owned):

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nemo_dpo.parallel.collectives import ReduceOp, all_reduce
+
 __all__ = ["dpo_custom_collate", "get_ltor_masks_and_position_ids"]
 
 
@@ -44,12 +46,7 @@ def get_ltor_masks_and_position_ids(
 
 def _agreed_length(length: int, group) -> int:
     """The longest ``length`` over ``group``'s ranks (just ``length`` without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return length
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    agreed = torch.tensor(length, dtype=torch.long, device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    return int(agreed.item())
+    return int(all_reduce(torch.tensor(length, dtype=torch.long), ReduceOp.MAX, group).item())
 
 
 def dpo_custom_collate(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from nemo_dpo.parallel.cpu_compat import enable_cpu_compat
+from nemo_dpo.parallel.device import has_accelerator, select_local_device
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,6 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def accelerator_device() -> torch.device:
-    """The device this rank computes on: its local GPU, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Start torch.distributed: NCCL on GPU, gloo on CPU.
 
@@ -59,11 +53,8 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
-    else:
-        backend = "gloo"
+    select_local_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if has_accelerator() else "gloo"
     dist.init_process_group(
         backend=backend,
         rank=rank,
@@ -83,7 +74,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
-        create_gloo_process_groups=torch.cuda.is_available(),
+        create_gloo_process_groups=has_accelerator(),
     )
     set_seed(seed)
 
@@ -98,19 +89,8 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if has_accelerator():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def is_rank0() -> bool:
-    """Whether this is global rank 0 (or a process without torch.distributed)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank; a no-op without torch.distributed."""
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def destroy_parallel() -> None:

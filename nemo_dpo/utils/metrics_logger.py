@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from nemo_dpo.parallel.initialize import is_rank0
+from nemo_dpo.parallel.collectives import is_rank0
 
 
 class MetricsLogger:

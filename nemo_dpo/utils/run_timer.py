@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-import torch.distributed as dist
-
-from nemo_dpo.parallel.initialize import accelerator_device
+from nemo_dpo.parallel.collectives import broadcast_object
 
 
 def parse_max_time(max_time) -> float | None:
@@ -36,8 +33,4 @@ class RunTimer:
     def is_finished(self) -> bool:
         if self.max_seconds is None or self._start is None:
             return False
-        finished = torch.tensor([float(time.monotonic() - self._start >= self.max_seconds)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            finished = finished.to(accelerator_device())
-            dist.broadcast(finished, 0)
-        return bool(finished.item())
+        return broadcast_object(time.monotonic() - self._start >= self.max_seconds, src=0)

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.models.nlp.gpt.init import initialize_weights
 from nemo_dpo.parallel.cpu_compat import transformer_config_overrides
+from nemo_dpo.parallel.device import accelerator_device
 from nemo_dpo.models.nlp.gpt.layer_specs import gpt_layer_spec
 
 _NORMALIZATIONS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
@@ -129,7 +130,7 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
         )
         model.true_vocab_size = vocab_size
         _mark_tensor_parallel_weights(model)
-        chunks.append(model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu"))
+        chunks.append(model.to(accelerator_device()))
     initialize_weights(chunks, config, vocab_size, cfg.get("seed", 1234) if seed is None else seed)
     return chunks
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
-import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -13,11 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from nemo_dpo.models.nlp.gpt.attention import SDPACoreAttention
-
-
-def transformer_engine_usable() -> bool:
-    """transformer-engine needs both the package and a CUDA device."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+from nemo_dpo.parallel.device import transformer_engine_usable
 
 
 def gpt_layer_spec(normalization: str, use_transformer_engine: bool | None = None) -> ModuleSpec:
