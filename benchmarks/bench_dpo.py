@@ -3,7 +3,7 @@
 A measured step is what ``DPOTrainer`` does with one global batch: the reference
 policy's log-probs (``get_ref_policy_logprobs``, a forward-only pass with the
 frozen weights swapped in), then ``prepare_for_training_step``,
-``get_loss_and_metrics(forward_only=False)`` and ``DistributedAdamW.step``. The
+``get_loss_and_metrics(forward_only=False)`` and ``ReplicatedAdamW.step``. The
 two phases are timed separately. MFU divides the model FLOP/s by a matrix-multiply
 ceiling measured in the same run, on the same ranks and threads.
 
@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.data.collate import dpo_custom_collate
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_dpo.optim.optimizer import DistributedAdamW
+from nemo_dpo.optim.optimizer import ReplicatedAdamW
 from nemo_dpo.parallel.device import accelerator_device
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
 
@@ -190,7 +190,7 @@ def finish_phase(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: DistributedAdamW, batch: dict,
+def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: ReplicatedAdamW, batch: dict,
                    device: torch.device) -> tuple[float, float, float]:
     """One DPOTrainer step (augment_dataloader, then train_single_step); returns (ref s, train s, loss)."""
     start = finish_phase(device)
@@ -271,7 +271,7 @@ def main() -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                          f"--micro-batch-size {args.micro_batch_size} x DP {dp_size}")
     model = MegatronGPTDPOModel(model_config(args), args.vocab_size)
-    optimizer = DistributedAdamW(model.model, lr=1e-5, weight_decay=0.01)
+    optimizer = ReplicatedAdamW(model.model, lr=1e-5, weight_decay=0.01)
     total_params, matmul_params = parameter_counts(model)
 
     per_rank = args.global_batch_size // dp_size

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
 from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler, build_dataloader
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_dpo.optim.optimizer import DistributedAdamW
+from nemo_dpo.optim.optimizer import ReplicatedAdamW
 from nemo_dpo.optim.scheduler import CosineAnnealing
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 from nemo_dpo.utils.metrics_logger import MetricsLogger
@@ -58,7 +58,7 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
     cfg = model_config(micro_batch_size, global_batch_size, **(dpo_overrides or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
-    optimizer = DistributedAdamW(model.model, lr=5e-3, weight_decay=0.01)
+    optimizer = ReplicatedAdamW(model.model, lr=5e-3, weight_decay=0.01)
     scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=5e-4, warmup_steps=1)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler_args = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,

@@ -38,7 +38,7 @@ def test_padding_shapes_and_values():
     out = dpo_custom_collate(batch, eos_id=EOS)
     assert set(out) == {
         *("chosen", "rejected", "chosen_length", "rejected_length", "chosen_labels", "rejected_labels"),
-        *("attention_mask", "position_ids", "chosen_rewards", "rejected_rewards", "sample_mask"),
+        *("position_ids", "rejected_position_ids", "chosen_rewards", "rejected_rewards", "sample_mask"),
     }
     assert out["chosen"].shape == out["rejected"].shape == out["chosen_labels"].shape == (2, 6)
     assert out["chosen"].tolist() == [[10, 11, 12, EOS, EOS, EOS], [10, 11, 12, 13, 14, 15]]
@@ -52,16 +52,13 @@ def test_padding_shapes_and_values():
     assert out["chosen_rewards"].tolist() == [0.5, 1.0] and out["rejected_rewards"].tolist() == [0.0, 0.0]
     assert out["chosen_rewards"].dtype == torch.float and out["chosen_length"].dtype == torch.long
     assert out["sample_mask"].tolist() == [1.0, 1.0]
-    assert out["position_ids"].tolist() == [list(range(6))] * 2
-    assert out["attention_mask"].shape == (2, 1, 6, 6) and out["attention_mask"].dtype == torch.bool
-    # True marks masked positions (megatron's convention): strictly above the diagonal.
-    assert torch.equal(out["attention_mask"][1, 0], torch.ones(6, 6, dtype=torch.bool).triu(1))
+    assert out["position_ids"].tolist() == out["rejected_position_ids"].tolist() == [list(range(6))] * 2
 
 
 def test_pad_to_multiple_and_fixed_length():
     batch = [make_item(2, 3, 5), make_item(1, 2, 2)]
     out = dpo_custom_collate(batch, eos_id=EOS, pad_length_to_multiple_of=4)
-    assert out["chosen"].shape == (2, 8) and out["attention_mask"].shape == (2, 1, 8, 8)
+    assert out["chosen"].shape == (2, 8) and out["rejected_position_ids"].shape == (2, 8)
     assert (out["rejected"][:, 5:] == EOS).all() and (out["rejected_labels"][:, 5:] == -100).all()
     out = dpo_custom_collate(batch, eos_id=EOS, pad_to_length=12, pad_length_to_multiple_of=4)
     assert out["chosen"].shape == out["rejected_labels"].shape == out["position_ids"].shape == (2, 12)
@@ -82,21 +79,23 @@ def test_unpaired_widths_are_padded_together():
     assert out["rejected"].tolist() == [[110, 111, EOS, EOS]]
 
 
-def test_reset_position_ids_attention_mask_and_eod_mask_loss():
-    # An eos inside the chosen sequence (e.g. a multi-turn template) starts a new document.
+def test_reset_position_ids_per_row_and_eod_mask_loss():
+    # An eos inside a sequence (e.g. a multi-turn template) restarts the positions after it,
+    # in the chosen and the rejected row each by its own tokens.
     item = make_item(1, 5, 5)
     item["chosen"][2] = EOS
-    out = dpo_custom_collate(
-        [item], eos_id=EOS, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True
-    )
+    item["rejected"][1] = EOS
+    out = dpo_custom_collate([item], eos_id=EOS, reset_position_ids=True, eod_mask_loss=True)
     assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    mask = out["attention_mask"][0, 0]
-    allowed = ~mask
-    assert allowed[4].tolist() == [False, False, False, True, True]  # no attention back across the eos
-    assert allowed[2].tolist() == [True, True, True, False, False]
+    assert out["rejected_position_ids"].tolist() == [[0, 1, 0, 1, 2]]
     assert out["chosen_labels"][0, 2] == -100 and out["chosen_labels"][0, 3] == 13  # eos carries no loss
     plain = dpo_custom_collate([item], eos_id=EOS)
     assert plain["position_ids"].tolist() == [[0, 1, 2, 3, 4]] and plain["chosen_labels"][0, 2] == 12
+
+
+def test_reset_attention_mask_is_refused():
+    with pytest.raises(ValueError, match="reset_attention_mask=True is not supported"):
+        dpo_custom_collate([make_item(1, 3, 3)], eos_id=EOS, reset_attention_mask=True)
 
 
 def _collate_on_rank(multiple):

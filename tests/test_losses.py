@@ -2,7 +2,7 @@
 
 The pipeline under test is the one the model assembles: per-token log-probs and
 a loss mask -> ``masked_sequence_logprobs`` -> ``split_chosen_rejected`` -> a
-registered per-pair loss and ``preference_metrics``. Weighting the preference
+registered per-pair loss, ``preference_accuracy`` and ``reward_metrics``. Weighting the preference
 and SFT terms is the model's job and is tested with the model.
 """
 
@@ -16,8 +16,9 @@ from nemo_dpo.losses import (
     dpo_loss,
     get_preference_loss,
     masked_sequence_logprobs,
-    preference_metrics,
+    preference_accuracy,
     register_preference_loss,
+    reward_metrics,
     split_chosen_rejected,
 )
 
@@ -172,7 +173,8 @@ def test_per_pair_losses_by_hand(loss_type, average):
 @pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
 def test_reward_and_accuracy_metrics_by_hand(average):
     chosen_lr, rejected_lr = logratios_from_tokens(t(padded(POLICY_TOKENS, POLICY_JUNK)), average)
-    metrics = preference_metrics(chosen_lr, rejected_lr, BETA)
+    metrics = reward_metrics(chosen_lr, rejected_lr, BETA)
+    accuracy = preference_accuracy(chosen_lr, rejected_lr)
     if average:
         # beta * averaged log-ratios: chosen [0.25, -1/12, 0], rejected [-1/16, 0.25, 0]
         chosen, rejected = [0.25, -1.0 / 12, 0.0], [-1.0 / 16, 0.25, 0.0]
@@ -183,10 +185,10 @@ def test_reward_and_accuracy_metrics_by_hand(average):
     mean_all = sum(everything) / 6
     std_all = math.sqrt(sum((x - mean_all) ** 2 for x in everything) / 5)  # unbiased
     assert sorted(metrics) == [
-        "acc", "rewards_all_mean", "rewards_all_std", "rewards_chosen_mean", "rewards_rejected_mean",
+        "rewards_all_mean", "rewards_all_std", "rewards_chosen_mean", "rewards_rejected_mean",
     ]
     # Only the first pair has chosen > rejected; the tie in the third does not count.
-    assert metrics["acc"].item() == pytest.approx(1.0 / 3)
+    assert accuracy.item() == pytest.approx(1.0 / 3)
     assert metrics["rewards_chosen_mean"].item() == pytest.approx(sum(chosen) / 3, abs=1e-7)
     assert metrics["rewards_rejected_mean"].item() == pytest.approx(sum(rejected) / 3, abs=1e-7)
     assert metrics["rewards_all_mean"].item() == pytest.approx(mean_all, abs=1e-7)
@@ -196,9 +198,10 @@ def test_reward_and_accuracy_metrics_by_hand(average):
 def test_metrics_are_detached_and_accuracy_ignores_beta_sign():
     chosen = t([1.0, -2.0], requires_grad=True)
     rejected = t([0.0, 0.0], requires_grad=True)
-    metrics = preference_metrics(chosen, rejected, -0.5)
-    assert not any(value.requires_grad for value in metrics.values())
-    assert metrics["acc"].item() == 0.5  # compares log-ratios, not beta-scaled rewards
+    metrics = reward_metrics(chosen, rejected, -0.5)
+    accuracy = preference_accuracy(chosen, rejected)
+    assert not accuracy.requires_grad and not any(value.requires_grad for value in metrics.values())
+    assert accuracy.item() == 0.5  # compares log-ratios, not beta-scaled rewards
     assert metrics["rewards_chosen_mean"].item() == pytest.approx(-0.5 * (1.0 - 2.0) / 2)
 
 
@@ -209,7 +212,7 @@ def test_equal_chosen_and_rejected_is_ln2_with_zero_accuracy():
     chosen, rejected = split_chosen_rejected(masked_sequence_logprobs(policy - ref, torch.ones(4, 2), average=False))
     loss = dpo_loss(chosen, rejected, beta=0.1).mean(0)
     assert loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
-    assert preference_metrics(chosen, rejected, 0.1)["acc"].item() == 0.0
+    assert preference_accuracy(chosen, rejected).item() == 0.0
 
 
 def test_unknown_loss_error_lists_valid_names():
@@ -260,7 +263,7 @@ def test_huge_logratios_stay_finite(loss_type, beta):
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(policy.grad).all()
-    assert all(torch.isfinite(value) for value in preference_metrics(chosen, rejected, beta).values())
+    assert all(torch.isfinite(value) for value in reward_metrics(chosen, rejected, beta).values())
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])

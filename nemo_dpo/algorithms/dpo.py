@@ -9,12 +9,11 @@ from collections import defaultdict
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
 from nemo_dpo.data.collate import dpo_custom_collate
-from nemo_dpo.parallel.initialize import accelerator_device, barrier, is_rank0
+from nemo_dpo.parallel.collectives import all_reduce, barrier, is_rank0
 
 __all__ = ["DPOTrainer", "NonFiniteLossError", "compute_max_steps", "dpo_custom_collate"]
 
@@ -160,10 +159,7 @@ class DPOTrainer:
     @staticmethod
     def _global_pairs(batch: dict) -> int:
         count = torch.tensor([float(batch["chosen"].shape[0])])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            count = count.to(accelerator_device())
-            dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
-        return int(count.item())
+        return int(all_reduce(count, group=parallel_state.get_data_parallel_group()).item())
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> None:

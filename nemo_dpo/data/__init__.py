@@ -1,6 +1,6 @@
 """Preference data: tokenizer, JSONL dataset, DPO collate and Megatron-style samplers."""
 
-from nemo_dpo.data.collate import dpo_custom_collate, get_ltor_masks_and_position_ids
+from nemo_dpo.data.collate import document_position_ids, dpo_custom_collate
 from nemo_dpo.data.preference_dataset import DPOModelDataset, PreferenceDataError, load_jsonl
 from nemo_dpo.data.samplers import (
     PAD_INDEX,
@@ -19,8 +19,8 @@ __all__ = [
     "PAD_INDEX",
     "PreferenceDataError",
     "build_dataloader",
+    "document_position_ids",
     "dpo_custom_collate",
-    "get_ltor_masks_and_position_ids",
     "identity_collate",
     "load_jsonl",
     "load_tokenizer",

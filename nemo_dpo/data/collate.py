@@ -14,34 +14,20 @@ import torch.distributed as dist
 
 from nemo_dpo.parallel.collectives import ReduceOp, all_reduce
 
-__all__ = ["dpo_custom_collate", "get_ltor_masks_and_position_ids"]
+__all__ = ["document_position_ids", "dpo_custom_collate"]
 
 
-def get_ltor_masks_and_position_ids(
-    tokens: torch.Tensor, eos_id: int, reset_position_ids: bool = False, reset_attention_mask: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention mask ``[B, 1, S, S]`` (True = masked, megatron's convention) and position ids ``[B, S]``.
-
-    With the reset flags every eos starts a new document: positions restart at 0 after
-    it and later tokens do not attend across it.
-    """
+def document_position_ids(tokens: torch.Tensor, eos_id: int, reset_position_ids: bool = False) -> torch.Tensor:
+    """Position ids ``[B, S]``: ``0..S-1``, or with ``reset_position_ids`` restarting at 0 after every eos."""
     batch, length = tokens.shape
     arange = torch.arange(length, device=tokens.device)
-    after_eos = torch.zeros_like(tokens, dtype=torch.bool)
-    after_eos[:, 1:] = tokens[:, :-1] == eos_id
-    causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
-    if reset_attention_mask:
-        document = after_eos.long().cumsum(dim=1)
-        allowed = causal & (document[:, :, None] == document[:, None, :])
-    else:
-        allowed = causal.expand(batch, length, length)
-    # A real copy, not an expanded view: views break pin_memory.
-    attention_mask = (~allowed).unsqueeze(1).contiguous()
     position_ids = arange.expand(batch, length).clone()
     if reset_position_ids:
+        after_eos = torch.zeros_like(tokens, dtype=torch.bool)
+        after_eos[:, 1:] = tokens[:, :-1] == eos_id
         document_start = torch.where(after_eos, arange, 0).cummax(dim=1).values
         position_ids -= document_start
-    return attention_mask, position_ids
+    return position_ids
 
 
 def _agreed_length(length: int, group) -> int:
@@ -62,10 +48,12 @@ def dpo_custom_collate(
     """Stack DPO items into ``[B, S]`` tensors, padding tokens with eos and labels with -100.
 
     Returns ``chosen``, ``rejected``, ``chosen_length``, ``rejected_length``,
-    ``chosen_labels``, ``rejected_labels``, ``attention_mask``, ``position_ids`` (both
-    from the chosen tokens, as in NeMo Aligner), ``chosen_rewards``, ``rejected_rewards``
-    and ``sample_mask`` (1.0 for real pairs, 0.0 for sampler padding, see
-    :mod:`nemo_dpo.data.samplers`).
+    ``chosen_labels``, ``rejected_labels``, ``position_ids`` (of the chosen rows) and
+    ``rejected_position_ids``, ``chosen_rewards``, ``rejected_rewards`` and ``sample_mask``
+    (1.0 for real pairs, 0.0 for sampler padding, see :mod:`nemo_dpo.data.samplers`).
+    No attention mask is built: every row is one causal sequence, which the model's
+    attention applies without a ``[B, 1, S, S]`` tensor, so ``reset_attention_mask``
+    (documents separated by eos inside a row) is refused.
 
     ``S`` is the longest sequence in the batch, unless:
 
@@ -79,6 +67,11 @@ def dpo_custom_collate(
     ``eod_mask_loss`` sets the labels of eos tokens to -100 (NeMo Aligner accepts the flag
     but ignores it in DPO).
     """
+    if reset_attention_mask:
+        raise ValueError(
+            "model.data.reset_attention_mask=True is not supported: each DPO sequence is one "
+            "prompt and response, attended causally as a whole"
+        )
     if pad_length_to_multiple_of is not None and pad_length_to_multiple_of < 0:
         raise ValueError(f"pad_length_to_multiple_of must be >= 0, got {pad_length_to_multiple_of}")
     tokens = [item[key] for key in ("chosen", "rejected") for item in batch]
@@ -105,9 +98,7 @@ def dpo_custom_collate(
         labels[tokens == eos_id] = -100
     chosen, rejected = tokens.chunk(2)
     chosen_labels, rejected_labels = labels.chunk(2)
-    attention_mask, position_ids = get_ltor_masks_and_position_ids(
-        chosen, eos_id, reset_position_ids, reset_attention_mask
-    )
+    chosen_positions, rejected_positions = document_position_ids(tokens, eos_id, reset_position_ids).chunk(2)
     return {
         "chosen": chosen,
         "rejected": rejected,
@@ -115,8 +106,8 @@ def dpo_custom_collate(
         "rejected_length": torch.tensor([item["rejected_length"] for item in batch], dtype=torch.long),
         "chosen_labels": chosen_labels,
         "rejected_labels": rejected_labels,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
+        "position_ids": chosen_positions,
+        "rejected_position_ids": rejected_positions,
         "chosen_rewards": torch.tensor([item["chosen_reward"] for item in batch], dtype=torch.float),
         "rejected_rewards": torch.tensor([item["rejected_reward"] for item in batch], dtype=torch.float),
         "sample_mask": torch.tensor([item.get("sample_mask", 1.0) for item in batch], dtype=torch.float),

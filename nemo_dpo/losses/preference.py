@@ -123,17 +123,21 @@ def rpo_fwd_kl_loss(chosen_logratios, rejected_logratios, *, beta,
 
 
 @torch.no_grad()
-def preference_metrics(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> dict[str, Tensor]:
-    """Accuracy and implicit-reward statistics of a set of pairs (e.g. a gathered global batch).
+def preference_accuracy(chosen_logratios: Tensor, rejected_logratios: Tensor) -> Tensor:
+    """Fraction of pairs whose chosen log-ratio exceeds the rejected one (ties count as wrong).
 
-    Rewards are ``beta * logratio``. ``acc`` compares the unscaled log-ratios, as
-    NeMo Aligner does, so it does not depend on the sign or size of beta.
+    Compares the unscaled log-ratios, as NeMo Aligner does, so it does not depend
+    on the sign or size of beta.
     """
-    chosen, rejected = chosen_logratios.float(), rejected_logratios.float()
-    rewards_chosen, rewards_rejected = beta * chosen, beta * rejected
+    return (chosen_logratios > rejected_logratios).float().mean()
+
+
+@torch.no_grad()
+def reward_metrics(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> dict[str, Tensor]:
+    """Implicit-reward statistics of a set of pairs (e.g. a gathered global batch); rewards are ``beta * logratio``."""
+    rewards_chosen, rewards_rejected = beta * chosen_logratios.float(), beta * rejected_logratios.float()
     rewards_all = torch.cat((rewards_chosen, rewards_rejected))
     return {
-        "acc": (chosen > rejected).float().mean(),
         "rewards_chosen_mean": rewards_chosen.mean(),
         "rewards_rejected_mean": rewards_rejected.mean(),
         "rewards_all_mean": rewards_all.mean(),

@@ -1,15 +1,17 @@
 """AdamW over megatron DDP gradient buffers, with gradient clipping aware of TP and PP.
 
-megatron-core's own optimizer assumes CUDA tensors (its clipping checks
-``grad.type() == 'torch.cuda.FloatTensor'``), so this is a torch optimizer that
+megatron-core's own optimizer assumes CUDA tensors (its clipping compares
+``grad.type()`` with the CUDA tensor type names), so this is a torch optimizer that
 reads the fp32 ``main_grad`` buffers DDP reduces into and computes the global
 gradient norm over the model-parallel group, counting every parameter once.
+Every data-parallel rank keeps the full optimizer state (nothing is sharded).
 It keeps megatron's step contract: ``step()`` returns
 ``(update_successful, grad_norm, num_zeros_in_grad)``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,14 +24,20 @@ from megatron.core.dist_checkpointing.optimizer import (
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
+log = logging.getLogger(__name__)
+
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
     # Biases and norm gains are not decayed (megatron and NeMo do the same).
     return param.ndim == 1 or name.endswith(".bias")
 
 
-class DistributedAdamW:
-    """``torch.optim.AdamW`` for a list of DDP-wrapped megatron chunks (fp32 parameters)."""
+class ReplicatedAdamW:
+    """``torch.optim.AdamW`` for a list of DDP-wrapped megatron chunks (fp32 parameters).
+
+    The Adam moments of every parameter live on every data-parallel rank
+    (replicated, not sharded as in megatron's distributed optimizer).
+    """
 
     def __init__(
         self,
@@ -46,7 +54,7 @@ class DistributedAdamW:
                     continue
                 if param.dtype != torch.float32:
                     raise ValueError(
-                        f"DistributedAdamW keeps no fp32 master copy; parameter {name} is "
+                        f"ReplicatedAdamW keeps no fp32 master copy; parameter {name} is "
                         f"{param.dtype}. Train in fp32 (model.precision=32)."
                     )
                 (no_decay if _no_weight_decay(name, param) else decay).append(param)
@@ -147,14 +155,21 @@ def global_grad_norm(params) -> float:
 
 # NeMo configs name their Adam variants; all are AdamW (decoupled weight decay) here.
 ADAM_NAMES = ("adamw", "adam", "fused_adam", "distributed_fused_adam")
+# Names that ask for optimizer state sharded over data parallelism, which ReplicatedAdamW does not do.
+SHARDED_NAMES = ("distributed_fused_adam",)
 
 
-def build_optimizer(model_chunks, optim_cfg) -> DistributedAdamW:
+def build_optimizer(model_chunks, optim_cfg) -> ReplicatedAdamW:
     """Optimizer from ``model.optim`` (``name``, ``lr``, ``weight_decay``, ``betas``, ``eps``)."""
     name = optim_cfg.get("name", "adamw")
     if name not in ADAM_NAMES:
         raise ValueError(f"model.optim.name={name!r} is not supported; valid: {list(ADAM_NAMES)}")
-    return DistributedAdamW(
+    if name in SHARDED_NAMES:
+        log.warning(
+            "model.optim.name=%s: the optimizer state is not sharded yet; every data-parallel rank "
+            "keeps all of it (AdamW, same updates)", name,
+        )
+    return ReplicatedAdamW(
         model_chunks,
         lr=optim_cfg.lr,
         weight_decay=optim_cfg.get("weight_decay", 0.0),

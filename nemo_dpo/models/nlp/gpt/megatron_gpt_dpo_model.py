@@ -12,19 +12,21 @@ one code path and are bitwise equal at step 0.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_dpo.losses import (
     get_preference_loss,
     masked_sequence_logprobs,
-    preference_metrics,
+    preference_accuracy,
+    reward_metrics,
     split_chosen_rejected,
 )
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
-from nemo_dpo.parallel.initialize import accelerator_device
+from nemo_dpo.parallel.collectives import broadcast
+from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
@@ -37,6 +39,43 @@ def _split_rows(batch: dict, start: int, stop: int) -> dict:
 
 def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
     return torch.cat((batch[chosen_key], batch[rejected_key]), dim=0)
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """``model.dpo``: every key with its one default (``conf/gpt_dpo.yaml`` states the same values).
+
+    ``ref_policy_kl_penalty`` is the loss's beta. ``None`` for
+    ``sft_average_log_probs`` follows ``preference_average_log_probs``, and for
+    ``log_prob_forward_micro_batch_size`` the training micro-batch size.
+    """
+
+    ref_policy_kl_penalty: float = 0.1
+    preference_average_log_probs: bool = False
+    sft_average_log_probs: bool | None = None
+    gt_reward_scale: float = 1.0
+    preference_loss: str = "dpo"
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    log_prob_forward_micro_batch_size: int | None = None
+
+    def __post_init__(self):
+        # Fails at start-up, listing the valid names, for an unknown loss.
+        get_preference_loss(self.preference_loss)
+        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
+        if self.sft_average_log_probs is None:
+            object.__setattr__(self, "sft_average_log_probs", self.preference_average_log_probs)
+
+    @classmethod
+    def from_config(cls, dpo_cfg) -> "DPOSettings":
+        """Settings from a ``model.dpo`` mapping; an unknown key is refused, naming the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        given = dict(dpo_cfg or {})
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(f"model.dpo: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        return cls(**given)
 
 
 class MegatronGPTDPOModel:
@@ -52,18 +91,8 @@ class MegatronGPTDPOModel:
     def __init__(self, cfg, vocab_size: int, model_chunks=None):
         self.cfg = cfg
         self.vocab_size = vocab_size
-        dpo = cfg.dpo
-        self.ref_policy_kl_penalty = dpo.get("ref_policy_kl_penalty", 0.2)
-        self.preference_avg_log_probs = dpo.get("preference_average_log_probs", False)
-        self.sft_avg_log_probs = dpo.get("sft_average_log_probs", self.preference_avg_log_probs)
-        self.preference_loss_weight = dpo.get("preference_loss_weight", 1.0)
-        self.sft_loss_weight = dpo.get("sft_loss_weight", 0.0)
-        self.gt_reward_scale = dpo.get("gt_reward_scale", 1.0)
-        self.preference_loss = dpo.get("preference_loss", "dpo")
-        # Fails at start-up, listing the valid names, for an unknown loss.
-        self.preference_loss_fn = get_preference_loss(self.preference_loss)
-        if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
-            raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
+        self.dpo = DPOSettings.from_config(cfg.get("dpo"))
+        self.preference_loss_fn = get_preference_loss(self.dpo.preference_loss)
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
         self.model = wrap_data_parallel(model_chunks)
@@ -99,7 +128,7 @@ class MegatronGPTDPOModel:
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             tokens = _pair_rows(batch, "chosen", "rejected")
-            positions = _pair_rows(batch, "position_ids", "position_ids") if "position_ids" in batch else (
+            positions = _pair_rows(batch, "position_ids", "rejected_position_ids") if "position_ids" in batch else (
                 torch.arange(tokens.shape[1]).expand_as(tokens)
             )
             device = next(model.parameters()).device
@@ -118,23 +147,23 @@ class MegatronGPTDPOModel:
                 labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(logits.device)
                 ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(logits.device)
                 gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(logits.device)
-                preference_loss, _ = self.loss_func(
+                dpo = self.dpo
+                logratios = self.get_reduced_masked_logps(
+                    pi_logprobs - ref_logprobs, labels, average_log_probs=dpo.preference_average_log_probs
+                )
+                preference_loss, acc = self.loss_func(
                     pi_logprobs, ref_logprobs, labels, gt_rewards,
-                    average_log_probs=self.preference_avg_log_probs,
+                    average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
                 )
                 sft_loss = torch.zeros_like(preference_loss)
-                if self.sft_loss_weight != 0:
-                    sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=self.sft_avg_log_probs)
-                loss = self.preference_loss_weight * preference_loss + self.sft_loss_weight * sft_loss
-                with torch.no_grad():
-                    logratios = self.get_reduced_masked_logps(
-                        pi_logprobs - ref_logprobs, labels, average_log_probs=self.preference_avg_log_probs
-                    )
+                if dpo.sft_loss_weight != 0:
+                    sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=dpo.sft_average_log_probs)
+                loss = dpo.preference_loss_weight * preference_loss + dpo.sft_loss_weight * sft_loss
                 pairs = labels.shape[0] // 2
                 return loss, {
                     "pairs": pairs,
-                    "sums": torch.stack([loss, preference_loss, sft_loss]).detach() * pairs,
-                    "logratios": logratios,
+                    "sums": torch.stack([loss, preference_loss, sft_loss, acc]).detach() * pairs,
+                    "logratios": logratios.detach(),
                 }
 
             return output, loss_func
@@ -172,58 +201,25 @@ class MegatronGPTDPOModel:
         return self._reduce_metrics(reports)
 
     def _reduce_metrics(self, reports: list[dict]) -> tuple[float, dict[str, float]]:
-        sums = torch.zeros(4, dtype=torch.float64)
-        logratios = torch.zeros(0)
+        """Loss and metrics of the global batch from this rank's micro-batch reports."""
+        totals = torch.zeros(5, dtype=torch.float64)  # loss, preference, sft, acc (x pairs), pairs
+        logratios = torch.zeros(0, 2)
         if reports:
-            sums[:3] = torch.stack([r["sums"].double().cpu() for r in reports]).sum(0)
-            sums[3] = sum(r["pairs"] for r in reports)
+            totals[:4] = torch.stack([r["sums"].double().cpu() for r in reports]).sum(0)
+            totals[4] = sum(r["pairs"] for r in reports)
             logratios = torch.cat([torch.stack(split_chosen_rejected(r["logratios"].float().cpu()), 1) for r in reports])
-        # Pipeline: only the last stage has losses; it speaks for its pipeline.
-        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        if not last_stage:
-            sums.zero_()
-            logratios = torch.zeros(0, 2)
-        sums = self._all_reduce_cpu(sums, parallel_state.get_data_parallel_group())
-        sums = self._all_reduce_cpu(sums, parallel_state.get_pipeline_model_parallel_group())
-        logratios = self._gather_pairs(logratios.reshape(-1, 2))
-        count = max(sums[3].item(), 1.0)
-        loss, preference_loss, sft_loss = (sums[:3] / count).tolist()
-        metrics = {"loss": loss, "sft_loss": sft_loss, "preference_loss": preference_loss}
-        stats = preference_metrics(logratios[:, 0], logratios[:, 1], self.ref_policy_kl_penalty)
+        totals, logratios = reduce_global_batch(totals, logratios)
+        loss, preference_loss, sft_loss, acc = (totals[:4] / max(totals[4].item(), 1.0)).tolist()
+        metrics = {"loss": loss, "sft_loss": sft_loss, "preference_loss": preference_loss, "acc": acc}
+        stats = reward_metrics(logratios[:, 0], logratios[:, 1], self.dpo.ref_policy_kl_penalty)
         metrics.update({key: value.item() for key, value in stats.items()})
         return loss, metrics
-
-    @staticmethod
-    def _all_reduce_cpu(tensor: torch.Tensor, group) -> torch.Tensor:
-        if dist.get_world_size(group) == 1:
-            return tensor
-        reduced = tensor.to(accelerator_device())
-        dist.all_reduce(reduced, group=group)
-        return reduced.cpu()
-
-    @staticmethod
-    def _gather_pairs(local: torch.Tensor) -> torch.Tensor:
-        """Every pipeline's (chosen, rejected) log-ratio rows; empty ``local`` off the last stage."""
-        world = dist.get_world_size()
-        if world == 1:
-            return local
-        if parallel_state.get_tensor_model_parallel_rank() != 0:
-            local = local[:0]  # TP ranks hold identical copies
-        device = accelerator_device()
-        counts = torch.zeros(world, dtype=torch.long, device=device)
-        counts[dist.get_rank()] = local.shape[0]
-        dist.all_reduce(counts)
-        padded = torch.zeros(max(int(counts.max().item()), 1), 2, device=device)
-        padded[: local.shape[0]] = local.to(device)
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        return torch.cat([g[:n] for g, n in zip(gathered, counts.tolist())]).cpu()
 
     @torch.no_grad()
     def get_logprob_batch(self, batch: dict) -> torch.Tensor:
         """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank."""
         pairs, seq_length = batch["chosen"].shape
-        micro = self.cfg.dpo.get("log_prob_forward_micro_batch_size", self.cfg.micro_batch_size)
+        micro = self.dpo.log_prob_forward_micro_batch_size or self.cfg.micro_batch_size
         for chunk in self.model:
             chunk.eval()
         reports = self._run_schedule(batch, micro, forward_only=True, logprobs_only=True) if pairs else []
@@ -231,15 +227,11 @@ class MegatronGPTDPOModel:
         if reports:
             chosen, rejected = zip(*(split_chosen_rejected(r["logprobs"].cpu()) for r in reports))
             logprobs = torch.cat([*chosen, *rejected])
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            device_copy = logprobs.to(accelerator_device())
-            dist.broadcast(
-                device_copy,
-                parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-            logprobs = device_copy.cpu()
-        return logprobs
+        return broadcast(
+            logprobs,
+            parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
 
     def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
         """``get_logprob_batch`` with the frozen reference weights swapped in."""
@@ -252,22 +244,25 @@ class MegatronGPTDPOModel:
             raise ValueError("packed sequences are not supported by this model yet")
         return masked_sequence_logprobs(logps, labels > -1, average=average_log_probs)
 
-    def loss_func(self, pi_logprobs, ref_logprobs, labels, gt_rewards, cu_seqlens=None, average_log_probs=False):
+    def loss_func(self, pi_logprobs, ref_logprobs, labels, gt_rewards, cu_seqlens=None, average_log_probs=False,
+                  logratios=None):
         """Preference loss of one micro-batch (mean over pairs) and its accuracy.
 
         Override in a subclass for a custom loss; inputs are per-token, rows
         [all chosen; all rejected], labels already aligned with the log-probs.
+        ``logratios``: the per-sequence policy-minus-reference log-probs when the
+        caller already has them (the training step passes them, so they are
+        computed once); derived from the token log-probs when None.
         """
-        logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
+        if logratios is None:
+            logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
         chosen, rejected = split_chosen_rejected(logratios)
         gt_chosen, gt_rejected = split_chosen_rejected(gt_rewards)
         loss = self.preference_loss_fn(
-            chosen, rejected, beta=self.ref_policy_kl_penalty,
-            gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=self.gt_reward_scale,
+            chosen, rejected, beta=self.dpo.ref_policy_kl_penalty,
+            gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=self.dpo.gt_reward_scale,
         ).mean(0)
-        with torch.no_grad():
-            acc = (chosen > rejected).float().mean()
-        return loss, acc
+        return loss, preference_accuracy(chosen, rejected)
 
     def sft_loss_func(self, pi_logprobs, labels, cu_seqlens=None, average_log_probs=False):
         """Negative log-likelihood of the chosen responses (mean over pairs)."""
