@@ -15,7 +15,6 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
@@ -23,6 +22,8 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
+
+from nemo_dpo.parallel.collectives import all_reduce
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ def global_grad_norm(params) -> float:
         if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
             local += param.grad.detach().float().pow(2).sum().to(local.device)
     if parallel_state.model_parallel_is_initialized():
-        local = local.to(params[0].device)
-        dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
+        local = all_reduce(local, group=parallel_state.get_model_parallel_group())
     return local.sqrt().item()
 
 
