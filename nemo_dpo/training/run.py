@@ -26,12 +26,7 @@ def train(cfg: DictConfig) -> Path:
     already started) and tears them down at the end. Metrics land in
     ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
     """
-    # Refuse what cannot run before any work starts.
-    check_data_impl(cfg.model.data)
-    exp = cfg.exp_manager
-    log_dir = log_dir_of(exp)
-    resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
-
+    check_data_impl(cfg.model.data)  # refused before any work starts
     # megatron-core reports its DDP buckets parameter by parameter at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     model_cfg = cfg.model
@@ -43,6 +38,10 @@ def train(cfg: DictConfig) -> Path:
         ),
         seed=model_cfg.seed,
     )
+    exp = cfg.exp_manager
+    log_dir = log_dir_of(exp)
+    # After the process group is up: rank 0 picks the checkpoint for every rank.
+    resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
     model, tokenizer, tokenizer_dir = load_pretrained_model(cfg)
 
     trainer_state = read_trainer_state(resume_from) if resume_from else {"consumed_samples": 0}
