@@ -61,7 +61,7 @@ def token_logprob_step(vocab_size: int):
 def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
                            tokens: torch.Tensor, micro_batch_size: int, lr: float,
                            vpp: int | None = None) -> dict:
-    """Forward a global batch, then take one AdamW step; report outputs and new weights."""
+    """Forward a global batch, then take one AdamW step; report outputs and the weights before and after."""
     initialize_parallel(ParallelLayout(tp, pp, vpp), seed=0)
     cfg = OmegaConf.create(model_cfg)
     chunks = wrap_data_parallel(build_gpt_model(cfg, vocab_size))
@@ -81,6 +81,7 @@ def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
 
     with torch.no_grad():
         outputs = run(forward_only=True)
+    initial_shards = weight_shards(chunks)
     # Adam's first update is ~lr * sign(g) wherever |g| >> eps, which hides the
     # gradient's magnitude and amplifies round-off where |g| ~ eps; a large eps
     # keeps the update proportional to the gradient so the test compares both.
@@ -89,4 +90,5 @@ def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
         chunk.zero_grad_buffer()
     run(forward_only=False)
     _, grad_norm, _ = optimizer.step(clip_grad=1.0)
-    return dict(rank_coordinates(), outputs=outputs, grad_norm=grad_norm, shards=weight_shards(chunks))
+    return dict(rank_coordinates(), outputs=outputs, grad_norm=grad_norm, shards=weight_shards(chunks),
+                initial_shards=initial_shards)

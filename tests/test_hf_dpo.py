@@ -1,25 +1,22 @@
 """DPO starting from a Hugging Face folder, and its result exported back to transformers."""
 
-import subprocess
-import sys
-
 import torch
 
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
-from test_train_gpt_dpo import LN2_FP32, REPO, run_example, series
+from test_train_gpt_dpo import LN2_FP32, run_in_pool, series
+from training_workers import export_hf
 
 
-def export(checkpoint, out):
-    subprocess.run([sys.executable, "-m", "nemo_dpo.checkpoint.export_cli", "--checkpoint", str(checkpoint),
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+def export(dist_pool, checkpoint, out):
+    dist_pool.run(1, export_hf, str(checkpoint), str(out))
 
 
-def test_dpo_from_hf_folder_trains_and_exports(tmp_path):
+def test_dpo_from_hf_folder_trains_and_exports(dist_pool, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    export(DEFAULT_MODEL_DIR, tmp_path / "hf_start")
-    records = run_example(
-        tmp_path / "run", f"pretrained_checkpoint.restore_from_path={tmp_path / 'hf_start'}",
+    export(dist_pool, DEFAULT_MODEL_DIR, tmp_path / "hf_start")
+    records = run_in_pool(
+        dist_pool, tmp_path / "run", f"pretrained_checkpoint.restore_from_path={tmp_path / 'hf_start'}",
         "trainer.dpo.max_steps=20", "trainer.dpo.val_check_interval=20",
         "trainer.dpo.limit_val_batches=2",
     )
@@ -27,7 +24,7 @@ def test_dpo_from_hf_folder_trains_and_exports(tmp_path):
     assert losses[0] == LN2_FP32 and min(losses[-5:]) < LN2_FP32, losses
     assert series(records, "val/loss")[-1] < LN2_FP32
 
-    export(tmp_path / "run" / "checkpoints" / "final_model", tmp_path / "hf_trained")
+    export(dist_pool, tmp_path / "run" / "checkpoints" / "final_model", tmp_path / "hf_trained")
     start = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_start")
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_trained")
     assert type(trained) is type(start)

@@ -6,6 +6,8 @@ import torch
 from layout_workers import forward_and_train_step
 
 VOCAB = 100
+LR = 1e-2
+WEIGHT_DECAY = 0.1  # layout_workers' AdamW
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 LAYOUTS = [  # (tp, pp, world size)
     (1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2), (2, 2, 4),
@@ -31,14 +33,14 @@ def assemble(results: list[dict]) -> dict:
     logits = torch.cat([o["logits"] for r in last for o in r["outputs"]])
     logprobs = torch.cat([o["logprobs"] for r in last for o in r["outputs"]])
     return dict(logits=logits, logprobs=logprobs, weights=assemble_weights(results),
-                grad_norm=results[0]["grad_norm"])
+                initial_weights=assemble_weights(results, "initial_shards"), grad_norm=results[0]["grad_norm"])
 
 
-def assemble_weights(results: list[dict]) -> dict[str, torch.Tensor]:
-    """Full tensors by checkpoint key, put together from every rank's shards."""
+def assemble_weights(results: list[dict], shards: str = "shards") -> dict[str, torch.Tensor]:
+    """Full tensors by checkpoint key, put together from every rank's ``shards``."""
     weights: dict[str, torch.Tensor] = {}
     for r in results:
-        for key, shape, offset, skip, values in r["shards"]:
+        for key, shape, offset, skip, values in r[shards]:
             full = weights.setdefault(key, torch.full(shape, float("nan")))
             index = tuple(slice(o, o + n) for o, n in zip(offset[skip:], values.shape))
             full[(*offset[:skip], *index)] = values
@@ -50,14 +52,14 @@ def reference(request, dist_pool):
     name = request.param
     tokens = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
     tokens[0, 1:5] = VOCAB - 1  # highest real id: the last entry before the vocab padding
-    result = assemble(dist_pool.run(1, forward_and_train_step, 1, 1, MODELS[name], VOCAB, tokens, 2, 1e-2))
+    result = assemble(dist_pool.run(1, forward_and_train_step, 1, 1, MODELS[name], VOCAB, tokens, 2, LR))
     return name, tokens, result
 
 
 @pytest.mark.parametrize("tp,pp,world", LAYOUTS[1:], ids=lambda v: str(v))
 def test_layout_matches_single_process(dist_pool, reference, tp, pp, world):
     name, tokens, expected = reference
-    got = assemble(dist_pool.run(world, forward_and_train_step, tp, pp, MODELS[name], VOCAB, tokens, 2, 1e-2))
+    got = assemble(dist_pool.run(world, forward_and_train_step, tp, pp, MODELS[name], VOCAB, tokens, 2, LR))
     torch.testing.assert_close(got["logits"], expected["logits"], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["logprobs"], expected["logprobs"], atol=1e-5, rtol=0)
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
@@ -76,8 +78,8 @@ def test_virtual_pipeline_matches_single_process(dist_pool, reference):
     """PP=2 with two virtual stages per rank (interleaved 1F1B), one layer per chunk."""
     name, tokens, expected = reference
     tokens = tokens.repeat(2, 1)  # the interleaved schedule wants microbatches % PP == 0 and >= PP
-    expected = assemble(dist_pool.run(1, forward_and_train_step, 1, 1, MODELS[name], VOCAB, tokens, 2, 1e-2))
-    got = assemble(dist_pool.run(2, forward_and_train_step, 1, 2, MODELS[name], VOCAB, tokens, 2, 1e-2, 2))
+    expected = assemble(dist_pool.run(1, forward_and_train_step, 1, 1, MODELS[name], VOCAB, tokens, 2, LR))
+    got = assemble(dist_pool.run(2, forward_and_train_step, 1, 2, MODELS[name], VOCAB, tokens, 2, LR, 2))
     torch.testing.assert_close(got["logprobs"], expected["logprobs"], atol=1e-5, rtol=0)
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     for key, weight in expected["weights"].items():
@@ -90,3 +92,15 @@ def test_single_process_step_changes_weights_and_is_finite(reference):
     # Untrained model: next-token log-probs are near log(1/VOCAB).
     assert expected["logprobs"].mean().item() == pytest.approx(-torch.log(torch.tensor(VOCAB)).item(), abs=0.5)
     assert expected["grad_norm"] > 0
+    assert expected["weights"].keys() == expected["initial_weights"].keys()
+    for key, after in expected["weights"].items():
+        before = expected["initial_weights"][key]
+        if key in VOCAB_KEYS:  # padding rows get no gradient and stay zero
+            assert (after[VOCAB:] == 0).all() and (before[VOCAB:] == 0).all(), key
+            after, before = after[:VOCAB], before[:VOCAB]
+        assert torch.isfinite(after).all(), key
+        assert not torch.equal(after, before), f"{key} did not change"
+        # AdamW's first update moves each element by at most lr (|m| / sqrt(v) <= 1 after bias
+        # correction) on top of the decoupled decay lr * weight_decay * |w|.
+        bound = LR * (1 + WEIGHT_DECAY * before.abs()) + 1e-6
+        assert ((after - before).abs() <= bound).all(), key

@@ -1,4 +1,8 @@
-"""Crash-safe checkpoints: SIGKILL at any moment, resume (at any layout), same losses."""
+"""Crash-safe checkpoints: SIGKILL at any moment, resume (at any layout), same losses.
+
+The runs that are killed are real processes of the example script; every other
+run is an in-process job on the test pool (same metrics, no start-up cost).
+"""
 
 import json
 import os
@@ -14,12 +18,16 @@ import pytest
 
 from nemo_dpo.checkpoint.dist_ckpt import is_complete
 from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint, read_trainer_state
-from test_train_gpt_dpo import REPO, run_example, series
+from test_train_gpt_dpo import REPO, run_in_pool, series
 
 STEPS = 8
 RUN = [f"trainer.dpo.max_steps={STEPS}", "trainer.dpo.save_interval=1", "trainer.dpo.val_check_interval=4",
        "trainer.dpo.limit_val_batches=1", "model.global_batch_size=16", "model.micro_batch_size=4",
        "exp_manager.checkpoint_callback_params.save_top_k=-1"]
+
+
+# What a resumed run saves is not compared; its losses are.
+RESUME_ONLY = [*RUN, "exp_manager.create_checkpoint_callback=False"]
 
 
 def launch(log_dir: Path, *overrides: str) -> subprocess.Popen:
@@ -49,24 +57,31 @@ def losses_by_step(records: list[dict]) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return losses_by_step(run_example(tmp_path_factory.mktemp("full"), *RUN))
+def uninterrupted_run(dist_pool, tmp_path_factory):
+    """The log folder and losses of the run the interrupted ones must reproduce."""
+    log_dir = tmp_path_factory.mktemp("full")
+    return log_dir, losses_by_step(run_in_pool(dist_pool, log_dir, *RUN))
 
 
-def test_sigkill_at_random_step_then_resume_matches(uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run[1]
+
+
+def test_sigkill_at_random_step_then_resume_matches(dist_pool, uninterrupted, tmp_path):
     kill_after = random.Random().randint(2, STEPS - 2)
     kill_when(launch(tmp_path, *RUN), lambda: logged_steps(tmp_path) >= kill_after)
     resumed_from = find_resume_checkpoint(tmp_path / "checkpoints")
     assert resumed_from is not None
     start = read_trainer_state(resumed_from)["step"]
-    records = run_example(tmp_path, *RUN)  # resume_if_exists is on by default
+    records = run_in_pool(dist_pool, tmp_path, *RESUME_ONLY)  # resume_if_exists is on by default
     got = losses_by_step(records)
     # The resumed run logs steps start+1.. (the killed one may have logged some of them too).
     for step in range(start + 1, STEPS + 1):
         assert got[step] == pytest.approx(uninterrupted[step], abs=1e-6), (step, kill_after, start)
 
 
-def test_sigkill_during_a_save_falls_back_to_previous_checkpoint(uninterrupted, tmp_path):
+def test_sigkill_during_a_save_falls_back_to_previous_checkpoint(dist_pool, uninterrupted, tmp_path):
     checkpoints = tmp_path / "checkpoints"
 
     def saving_third():
@@ -81,41 +96,44 @@ def test_sigkill_during_a_save_falls_back_to_previous_checkpoint(uninterrupted, 
     resumed_from = find_resume_checkpoint(checkpoints)
     assert resumed_from is not None and not resumed_from.name.endswith(".tmp")
     start = read_trainer_state(resumed_from)["step"]
-    got = losses_by_step(run_example(tmp_path, *RUN))
+    got = losses_by_step(run_in_pool(dist_pool, tmp_path, *RESUME_ONLY))
     for step in range(start + 1, STEPS + 1):
         assert got[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
 
 
-def test_truncated_checkpoint_is_named_and_skipped(uninterrupted, tmp_path):
-    run_example(tmp_path, *RUN)
+def test_truncated_checkpoint_is_named_and_skipped(dist_pool, uninterrupted_run, tmp_path):
+    # Every checkpoint of the uninterrupted run (save_top_k=-1 keeps all) in a folder of our own.
+    shutil.copytree(uninterrupted_run[0] / "checkpoints", tmp_path / "checkpoints")
     newest = find_resume_checkpoint(tmp_path / "checkpoints")
     shard = next((newest / "optimizer").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert "truncated" in checkpoint_problem(newest) and shard.name in checkpoint_problem(newest)
     fallback = find_resume_checkpoint(tmp_path / "checkpoints")
     assert fallback != newest and read_trainer_state(fallback)["step"] == STEPS - 1
-    with pytest.raises(AssertionError, match="cannot be resumed from: optimizer/.*truncated"):
+    with pytest.raises(RuntimeError, match="cannot be resumed from: optimizer/.*truncated"):
         # Checkpoint names hold '=': Hydra needs the path quoted.
-        run_example(tmp_path / "again", *RUN, f"exp_manager.resume_from_checkpoint='{newest}'")
+        run_in_pool(dist_pool, tmp_path / "again", *RUN, f"exp_manager.resume_from_checkpoint='{newest}'")
 
 
-def test_resume_on_another_layout(uninterrupted, tmp_path):
+def test_resume_on_another_layout(dist_pool, uninterrupted, tmp_path):
     """Saved at (TP, PP) = (2, 1); resumed at (1, 2) and at (1, 1) from step 4."""
     saved = tmp_path / "tp2"
-    run_example(saved, *RUN, "model.tensor_model_parallel_size=2", nproc=2)
+    # Only the step-4 checkpoint is resumed from: saving every step would add nothing.
+    every_fourth = [o if not o.startswith("trainer.dpo.save_interval=") else "trainer.dpo.save_interval=4" for o in RUN]
+    run_in_pool(dist_pool, saved, *every_fourth, "model.tensor_model_parallel_size=2", nproc=2)
     for folder in (saved / "checkpoints").iterdir():
         if folder.name != "final_model" and read_trainer_state(folder)["step"] > 4:
             shutil.rmtree(folder)
     for name, layout, nproc in (("pp2", "model.pipeline_model_parallel_size=2", 2), ("single", "model.seed=1234", 1)):
         shutil.copytree(saved / "checkpoints", tmp_path / name / "checkpoints")
-        got = losses_by_step(run_example(tmp_path / name, *RUN, layout, nproc=nproc))
+        got = losses_by_step(run_in_pool(dist_pool, tmp_path / name, *RESUME_ONLY, layout, nproc=nproc))
         assert sorted(got) == [5, 6, 7, 8]
         for step in got:
             assert got[step] == pytest.approx(uninterrupted[step], abs=1e-5), (name, step)
 
 
-def test_save_top_k_keeps_best_two_and_newest(tmp_path):
-    records = run_example(tmp_path, "trainer.dpo.max_steps=6", "trainer.dpo.save_interval=1",
+def test_save_top_k_keeps_best_two_and_newest(dist_pool, tmp_path):
+    records = run_in_pool(dist_pool, tmp_path, "trainer.dpo.max_steps=6", "trainer.dpo.save_interval=1",
                           "trainer.dpo.val_check_interval=1", "trainer.dpo.limit_val_batches=1",
                           "model.global_batch_size=16", "model.micro_batch_size=4",
                           "exp_manager.checkpoint_callback_params.save_top_k=2")
@@ -125,22 +143,23 @@ def test_save_top_k_keeps_best_two_and_newest(tmp_path):
     assert kept == set(best_two) | {6}, (val_loss, kept)
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(dist_pool, tmp_path):
     good = RUN[:1] + ["trainer.dpo.max_steps=2", *RUN[1:]]
-    run_example(tmp_path, *good)  # two good steps, checkpoints at 1 and 2
+    run_in_pool(dist_pool, tmp_path, *good)  # two good steps, checkpoints at 1 and 2
     last_good = find_resume_checkpoint(tmp_path / "checkpoints")
     # A NaN beta makes every later loss NaN; the run resumes at step 2 and must stop at step 3.
     poisoned = [*RUN, "model.dpo.ref_policy_kl_penalty=nan"]
-    with pytest.raises(AssertionError, match=r"NonFiniteLossError: step 3: non-finite loss \(nan\)"):
-        run_example(tmp_path, *poisoned)
+    with pytest.raises(RuntimeError, match=r"NonFiniteLossError: step 3: non-finite loss \(nan\)"):
+        run_in_pool(dist_pool, tmp_path, *poisoned)
     assert find_resume_checkpoint(tmp_path / "checkpoints") == last_good and checkpoint_problem(last_good) is None
-    records = run_example(tmp_path, *poisoned, "trainer.dpo.skip_nonfinite_steps=True")
+    records = run_in_pool(dist_pool, tmp_path, *poisoned, "trainer.dpo.skip_nonfinite_steps=True",
+                          "exp_manager.create_checkpoint_callback=False")
     skipped = series(records, "train/skipped_steps")
     assert skipped[-1] == STEPS - 2 and series(records, "train/grad_norm")[-1] == "nan"  # logged as text
 
 
-def test_max_time_stops_after_saving(tmp_path):
-    records = run_example(tmp_path, *RUN, "trainer.max_time=00:00:00:01", "trainer.dpo.save_interval=0")
+def test_max_time_stops_after_saving(dist_pool, tmp_path):
+    records = run_in_pool(dist_pool, tmp_path, *RUN, "trainer.max_time=00:00:00:01", "trainer.dpo.save_interval=0")
     steps = series(records, "train/loss")
     assert len(steps) < STEPS
     saved = find_resume_checkpoint(tmp_path / "checkpoints")

@@ -1,4 +1,9 @@
-"""examples/train_gpt_dpo.py end to end on the embedded default model and data."""
+"""DPO jobs end to end on the embedded default model and data.
+
+The example script runs as a real process where the process is the point (its
+Hydra entry, torchrun); the other jobs run ``nemo_dpo.training.train`` in the
+test pool's workers, which gives the same metrics without the start-up cost.
+"""
 
 import json
 import math
@@ -11,10 +16,13 @@ import pytest
 import torch
 
 from nemo_dpo.checkpoint.dist_ckpt import is_complete
+from training_workers import train_job
 
 REPO = Path(__file__).resolve().parent.parent
 LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
 SHORT_RUN = ["trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "trainer.dpo.limit_val_batches=2"]
+# Saving does not change what is logged; runs compared only by their metrics skip it.
+NO_SAVE = ["exp_manager.create_checkpoint_callback=False"]
 
 
 def run_example(log_dir: Path, *overrides: str, nproc: int = 1) -> list[dict]:
@@ -26,6 +34,11 @@ def run_example(log_dir: Path, *overrides: str, nproc: int = 1) -> list[dict]:
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_pool(dist_pool, log_dir: Path, *overrides: str, nproc: int = 1) -> list[dict]:
+    """``run_example``'s records, from a job run in-process on ``nproc`` pool workers."""
+    return dist_pool.run(nproc, train_job, str(log_dir), list(overrides))[0]
 
 
 def series(records: list[dict], key: str) -> list[float]:
@@ -53,19 +66,42 @@ def test_default_run_starts_at_ln2_and_saves(single_process):
     assert list(log_dir.glob("events.out.tfevents.*")), "TensorBoard events were not written"
 
 
-@pytest.mark.parametrize("parallel", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"])
-def test_torchrun_two_processes_matches_single_process(single_process, tmp_path, parallel):
+def test_in_process_job_logs_exactly_what_the_example_process_logs(dist_pool, single_process, tmp_path):
+    """The premise of the in-process tests: same metrics, bit for bit (only timings differ)."""
     _, expected = single_process
-    got = run_example(tmp_path, *SHORT_RUN, parallel, nproc=2)
+    got = run_in_pool(dist_pool, tmp_path, *SHORT_RUN)
+
+    def without_timing(records):
+        return [{k: v for k, v in r.items() if not k.endswith("step_time")} for r in records]
+
+    assert without_timing(got) == without_timing(expected)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(
+        p.name for p in (single_process[0] / "checkpoints").iterdir()
+    )
+
+
+@pytest.mark.parametrize("parallel", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"])
+def test_two_processes_match_single_process(dist_pool, single_process, tmp_path, parallel):
+    _, expected = single_process
+    got = run_in_pool(dist_pool, tmp_path, *SHORT_RUN, *NO_SAVE, parallel, nproc=2)
     for key in ("train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc"):
         assert series(got, key) == pytest.approx(series(expected, key), abs=1e-5), key
 
 
-def test_default_run_learns_the_preference(tmp_path):
+def test_torchrun_two_processes_matches_single_process(single_process, tmp_path):
+    """The example under torchrun: two data-parallel ranks."""
+    _, expected = single_process
+    got = run_example(tmp_path, *SHORT_RUN, *NO_SAVE, "exp_manager.create_tensorboard_logger=False", nproc=2)
+    for key in ("train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc"):
+        assert series(got, key) == pytest.approx(series(expected, key), abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_preference(dist_pool, tmp_path):
     """A shortened default run: validation accuracy rises from 0 and the reward margin grows."""
-    records = run_example(
-        tmp_path, "trainer.dpo.max_steps=60", "trainer.dpo.val_check_interval=30", "trainer.dpo.limit_val_batches=4",
-        "exp_manager.create_checkpoint_callback=False",
+    records = run_in_pool(
+        dist_pool, tmp_path, "trainer.dpo.max_steps=60", "trainer.dpo.val_check_interval=30",
+        "trainer.dpo.limit_val_batches=4", "exp_manager.create_checkpoint_callback=False",
     )
     assert series(records, "train/acc")[0] == 0.0
     val_acc = series(records, "val/acc")
@@ -75,7 +111,8 @@ def test_default_run_learns_the_preference(tmp_path):
     assert margins[-1] > margins[0] > 0, margins
 
 
-def test_nemo_aligner_string_prompt_format_trains(tmp_path):
+@pytest.mark.slow
+def test_nemo_aligner_string_prompt_format_trains(dist_pool, tmp_path):
     """NeMo Aligner's documented layout: string prompts in the <extra_id_*> template."""
     assets = REPO / "nemo_dpo" / "assets" / "default_data"
     for split, count in (("train", 1280), ("validation", 128)):
@@ -85,8 +122,8 @@ def test_nemo_aligner_string_prompt_format_trains(tmp_path):
                 question = record["prompt"][0]["content"]
                 record["prompt"] = f"<extra_id_1>User\n{question}\n<extra_id_1>Assistant\n"
                 out.write(json.dumps(record) + "\n")
-    records = run_example(
-        tmp_path / "logs", f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
+    records = run_in_pool(
+        dist_pool, tmp_path / "logs", f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
         f"model.data.data_prefix.validation={tmp_path / 'validation.jsonl'}",
         "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20",
         "exp_manager.create_checkpoint_callback=False",

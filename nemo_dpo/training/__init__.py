@@ -1,0 +1,36 @@
+"""Builders shared by the example script, in-process tests and future commands.
+
+``train(compose_config(overrides))`` runs a whole DPO job; the other functions
+are its steps, usable one by one.
+"""
+
+from nemo_dpo.training.config import compose_config
+from nemo_dpo.training.data import (
+    DATA_IMPLS,
+    DEFAULT_DATA_DIR,
+    build_dataset,
+    build_train_dataloader,
+    build_val_dataloader,
+    check_data_impl,
+)
+from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
+from nemo_dpo.training.model import load_pretrained_model
+from nemo_dpo.training.run import train
+from nemo_dpo.training.trainer import build_trainer
+
+__all__ = [
+    "DATA_IMPLS",
+    "DEFAULT_DATA_DIR",
+    "build_checkpoint_callback",
+    "build_dataset",
+    "build_logger",
+    "build_train_dataloader",
+    "build_trainer",
+    "build_val_dataloader",
+    "check_data_impl",
+    "compose_config",
+    "load_pretrained_model",
+    "log_dir_of",
+    "resume_checkpoint",
+    "train",
+]

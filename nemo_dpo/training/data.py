@@ -1,0 +1,71 @@
+"""Datasets and data loaders from ``model.data``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.core import parallel_state
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+import nemo_dpo
+from nemo_dpo.data import (
+    DPOModelDataset,
+    MegatronPretrainingBatchSampler,
+    MegatronPretrainingRandomBatchSampler,
+    build_dataloader,
+)
+
+# Used for the splits when model.data.data_prefix names no training file.
+DEFAULT_DATA_DIR = Path(nemo_dpo.__file__).resolve().parent / "assets" / "default_data"
+DATA_IMPLS = ("jsonl",)
+
+
+def check_data_impl(data_cfg: DictConfig) -> None:
+    """Refuse a ``model.data.data_impl`` the dataset builder cannot read."""
+    impl = data_cfg.get("data_impl", "jsonl")
+    if impl in DATA_IMPLS:
+        return
+    hint = "; packed data is not supported yet" if impl == "packed_jsonl" else ""
+    raise ValueError(f"model.data.data_impl={impl!r} is not supported{hint}; valid values: {list(DATA_IMPLS)}")
+
+
+def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | None:
+    """The ``split`` dataset (train, validation or test) of ``model.data``; None when it has no file.
+
+    Without a training file, train and validation fall back to the embedded default data.
+    """
+    data_cfg = model_cfg.data
+    check_data_impl(data_cfg)
+    path = data_cfg.data_prefix.get(split)
+    if path is None and data_cfg.data_prefix.get("train") is None and split != "test":
+        path = DEFAULT_DATA_DIR / f"{split}.jsonl"
+    if path is None:
+        return None
+    seq_length = data_cfg.seq_length or model_cfg.encoder_seq_length
+    return DPOModelDataset(model_cfg, tokenizer, split, path, None, None, seq_length, model_cfg.seed)
+
+
+def _sampler_args(model_cfg: DictConfig, dataset, consumed_samples: int) -> dict:
+    return dict(
+        total_samples=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=model_cfg.micro_batch_size,
+        global_batch_size=model_cfg.global_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def build_train_dataloader(model_cfg: DictConfig, dataset, consumed_samples: int = 0) -> DataLoader:
+    """Shuffled global batches (seeded by ``model.seed``), continuing after ``consumed_samples``."""
+    sampler = MegatronPretrainingRandomBatchSampler(
+        **_sampler_args(model_cfg, dataset, consumed_samples), seed=model_cfg.seed
+    )
+    return build_dataloader(dataset, sampler, num_workers=model_cfg.data.num_workers)
+
+
+def build_val_dataloader(model_cfg: DictConfig, dataset) -> DataLoader:
+    """Global batches in dataset order, the last one padded."""
+    sampler = MegatronPretrainingBatchSampler(**_sampler_args(model_cfg, dataset, 0))
+    return build_dataloader(dataset, sampler, num_workers=model_cfg.data.num_workers)

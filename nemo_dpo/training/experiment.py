@@ -1,0 +1,50 @@
+"""What ``exp_manager`` decides: the log folder, where to resume from, checkpoints and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nemo_dpo.checkpoint.callback import CheckpointCallback
+from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint
+from nemo_dpo.utils.metrics_logger import MetricsLogger
+
+
+def log_dir_of(exp: DictConfig) -> Path:
+    """``explicit_log_dir``, else ``exp_dir/name``."""
+    return Path(exp.explicit_log_dir or Path(exp.exp_dir) / exp.name)
+
+
+def resume_checkpoint(exp: DictConfig, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to continue from, per ``exp_manager.resume_*``; None to start afresh."""
+    if exp.resume_from_checkpoint:
+        path = Path(exp.resume_from_checkpoint)
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"exp_manager.resume_from_checkpoint={path} cannot be resumed from: {problem}")
+        return path
+    if not exp.resume_if_exists:
+        return None
+    path = find_resume_checkpoint(checkpoint_dir)
+    if path is None and not exp.resume_ignore_no_checkpoint:
+        raise FileNotFoundError(f"resume_if_exists: no complete checkpoint in {checkpoint_dir}")
+    return path
+
+
+def build_checkpoint_callback(exp: DictConfig, log_dir: Path, model, optimizer, scheduler, model_cfg: DictConfig,
+                              tokenizer_dir: Path) -> CheckpointCallback | None:
+    """Saves under ``log_dir/checkpoints`` per ``checkpoint_callback_params``; None when turned off."""
+    if not exp.create_checkpoint_callback:
+        return None
+    params = exp.checkpoint_callback_params
+    return CheckpointCallback(
+        log_dir / "checkpoints", params.filename, model, optimizer, scheduler, model_cfg, tokenizer_dir,
+        monitor=params.monitor, mode=params.mode, save_top_k=params.save_top_k,
+        save_final_model=params.save_nemo_on_train_end,
+    )
+
+
+def build_logger(exp: DictConfig, log_dir: Path) -> MetricsLogger:
+    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger``."""
+    return MetricsLogger(log_dir, use_tensorboard=exp.create_tensorboard_logger)

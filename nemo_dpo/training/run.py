@@ -1,0 +1,77 @@
+"""One DPO job from a composed config: the page ``examples/train_gpt_dpo.py`` runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dpo.algorithms.dpo import compute_max_steps
+from nemo_dpo.checkpoint.training_checkpoint import load_training_checkpoint, read_trainer_state
+from nemo_dpo.optim.optimizer import build_optimizer
+from nemo_dpo.optim.scheduler import build_scheduler
+from nemo_dpo.parallel.collectives import is_rank0
+from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
+from nemo_dpo.training.data import build_dataset, build_train_dataloader, build_val_dataloader, check_data_impl
+from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
+from nemo_dpo.training.model import load_pretrained_model
+from nemo_dpo.training.trainer import build_trainer
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run the DPO job ``cfg`` (``conf/gpt_dpo.yaml`` layout) on every rank; returns its log folder.
+
+    Starts torch.distributed and megatron-core's groups (or joins a process group
+    already started) and tears them down at the end. Metrics land in
+    ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
+    """
+    check_data_impl(cfg.model.data)  # refused before any work starts
+    # megatron-core reports its DDP buckets parameter by parameter at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    model_cfg = cfg.model
+    initialize_parallel(
+        ParallelLayout(
+            model_cfg.tensor_model_parallel_size,
+            model_cfg.pipeline_model_parallel_size,
+            model_cfg.virtual_pipeline_model_parallel_size,
+        ),
+        seed=model_cfg.seed,
+    )
+    exp = cfg.exp_manager
+    log_dir = log_dir_of(exp)
+    # After the process group is up: rank 0 picks the checkpoint for every rank.
+    resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
+    model, tokenizer, tokenizer_dir = load_pretrained_model(cfg)
+
+    trainer_state = read_trainer_state(resume_from) if resume_from else {"consumed_samples": 0}
+    train_ds = build_dataset(model_cfg, tokenizer, "train")
+    val_ds = build_dataset(model_cfg, tokenizer, "validation")
+    train_dl = build_train_dataloader(model_cfg, train_ds, consumed_samples=trainer_state["consumed_samples"])
+    val_dl = build_val_dataloader(model_cfg, val_ds)
+
+    optimizer = build_optimizer(model.model, model_cfg.optim)
+    max_steps = compute_max_steps(cfg.trainer.dpo, train_dl.batch_sampler)
+    scheduler = build_scheduler(optimizer, model_cfg.optim.get("sched"), max_steps)
+    if resume_from:
+        # The reference policy stays the pretrained model; only the policy's state resumes.
+        trainer_state = load_training_checkpoint(resume_from, model, optimizer, scheduler)
+
+    ckpt_callback = build_checkpoint_callback(exp, log_dir, model, optimizer, scheduler, model_cfg, tokenizer_dir)
+    logger = build_logger(exp, log_dir)
+    trainer = build_trainer(cfg, model, tokenizer, optimizer, scheduler, train_dl, val_dl, logger, ckpt_callback)
+    if resume_from:
+        trainer.load_state_dict(trainer_state)
+    if is_rank0():
+        OmegaConf.save(cfg, log_dir / "config.yaml")
+        if resume_from:
+            print(f"resuming from {resume_from} at step {trainer.step} of {trainer.max_steps}", flush=True)
+    try:
+        trainer.fit()
+    finally:
+        # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early.
+        logger.finalize()
+    if is_rank0():
+        print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)
+    destroy_parallel()
+    return log_dir

@@ -1,0 +1,37 @@
+"""The DPOTrainer of a run, with the collate ``model.data`` asks for."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from omegaconf import DictConfig
+
+from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
+from nemo_dpo.utils.run_timer import RunTimer
+
+
+def build_trainer(cfg: DictConfig, model, tokenizer, optimizer, scheduler, train_dataloader, val_dataloader,
+                  logger, ckpt_callback) -> DPOTrainer:
+    """``DPOTrainer`` over ``cfg.trainer.dpo`` with ``trainer.max_time`` as its time budget."""
+    data_cfg = cfg.model.data
+    collate_fn = partial(
+        dpo_custom_collate,
+        eos_id=tokenizer.eos_id,
+        reset_position_ids=data_cfg.reset_position_ids,
+        reset_attention_mask=data_cfg.reset_attention_mask,
+        eod_mask_loss=data_cfg.eod_mask_loss,
+        pad_length_to_multiple_of=data_cfg.pad_length_to_multiple_of,
+    )
+    return DPOTrainer(
+        cfg=cfg.trainer.dpo,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_dataloader=train_dataloader,
+        val_dataloader=val_dataloader,
+        test_dataloader=None,
+        collate_fn=collate_fn,
+        logger=logger,
+        ckpt_callback=ckpt_callback,
+        run_timer=RunTimer(cfg.trainer.max_time),
+    )

@@ -1,0 +1,26 @@
+"""Whole DPO jobs (``nemo_dpo.training.train``) run in-process on the ranks of the test pool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nemo_dpo.parallel.collectives import is_rank0
+from nemo_dpo.training import compose_config, train
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
+    """What ``python examples/train_gpt_dpo.py exp_manager.explicit_log_dir=<log_dir> *overrides`` logs (rank 0)."""
+    cfg = compose_config([f"exp_manager.explicit_log_dir={log_dir}", *overrides])
+    log_dir = train(cfg)
+    return read_metrics(log_dir) if is_rank0() else None
+
+
+def export_hf(checkpoint: str, out: str) -> None:
+    from nemo_dpo.checkpoint.export_cli import main
+
+    main(["--checkpoint", checkpoint, "--out", out])
