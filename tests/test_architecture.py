@@ -58,9 +58,10 @@ def test_embedded_default_model_config_loads():
 
 @pytest.mark.parametrize("changes,message", [
     (dict(num_query_groups=3), "model.num_attention_heads=4 is not a multiple of model.num_query_groups=3"),
-    (dict(hidden_size=66), "model.hidden_size=66 is not divisible by model.num_attention_heads=4; set model.kv_channels "
-                                 "(the size of one head) explicitly"),
-    (dict(normalization="batchnorm"), "model.normalization='batchnorm' is not supported; valid: ['layernorm', 'rmsnorm']"),
+    (dict(hidden_size=66), "model.hidden_size=66 is not divisible by model.num_attention_heads=4; "
+                           "set model.kv_channels (the size of one head) explicitly"),
+    (dict(normalization="batchnorm"),
+     "model.normalization='batchnorm' is not supported; valid: ['layernorm', 'rmsnorm']"),
     (dict(activation="tanh"), "model.activation='tanh' is not supported; valid: ['fast-swiglu', 'geglu', 'gelu', "
                               "'squared-relu', 'swiglu']"),
     (dict(position_embedding_type="alibi"),

@@ -87,6 +87,9 @@ def write_nemo_weights(tp: int, precision, folder: str, dist_weights: bool, te_n
                 for local, te in TE_NAMES.items():
                     name = name.replace(local, te)
             state["model." + name] = value
+            if te_names and name.endswith("linear_qkv.weight"):
+                # transformer-engine FP8 metadata, which NeMo pickles as BytesIO beside the weights.
+                state["model." + name.replace("weight", "_extra_state")] = io.BytesIO(b"fp8 metadata")
         rank_folder = folder if tp == 1 else folder / f"mp_rank_{dist.get_rank():02d}"
         path = rank_folder / "model_weights.ckpt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,3 +311,15 @@ def test_shape_mismatch_names_the_tensor(dist_pool, archives, tmp_path):
         message = dist_pool.run(1, load_misshapen, str(folder), str(tokenizer))[0]
         assert "decoder.layers.mlp.linear_fc1.weight" in message, message
         assert "(4, 192, 64)" in message or "(192, 64)" in message, message
+
+
+def test_torch_files_are_never_unpickled_in_full(tmp_path):
+    """Only tensors and transformer-engine's BytesIO extra state are read from torch files."""
+    from fractions import Fraction
+
+    from nemo_dpo.interop.nemo.weights import TorchStateDictWeights
+
+    path = tmp_path / "model_weights.ckpt"
+    torch.save({"model.output_layer.weight": torch.ones(2, 2), "hparams": Fraction(1, 3)}, path)
+    with pytest.raises(ValueError, match="does not unpickle"):
+        TorchStateDictWeights([(0, 0, path)], gated=False)

@@ -23,7 +23,12 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint import FileSystemReader
 
-from nemo_dpo.checkpoint.dist_ckpt import atomic_checkpoint_dir, is_complete, load_model_weights, model_sharded_state_dict
+from nemo_dpo.checkpoint.dist_ckpt import (
+    atomic_checkpoint_dir,
+    is_complete,
+    load_model_weights,
+    model_sharded_state_dict,
+)
 from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, write_model_folder
 from nemo_dpo.parallel.collectives import broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
 from nemo_dpo.parallel.device import accelerator_rng_state, set_accelerator_rng_state

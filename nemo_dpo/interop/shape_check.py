@@ -15,7 +15,8 @@ from nemo_dpo.checkpoint.dist_ckpt import KEY_PREFIX
 from nemo_dpo.interop.weight_transfer import VOCAB_KEYS, global_tensor_shapes
 
 
-def check_tensor_shapes(expected: dict, stored: dict, where, vocab_size: int, unexpected_note: str | None = None) -> None:
+def check_tensor_shapes(expected: dict, stored: dict, where, vocab_size: int,
+                        unexpected_note: str | None = None) -> None:
     """Raise if ``stored`` lacks a tensor of ``expected`` or has one of another shape.
 
     Both map ``(checkpoint key, layer or None)`` to a shape. Vocabulary tensors

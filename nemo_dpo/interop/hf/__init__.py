@@ -1,6 +1,11 @@
 """Hugging Face checkpoints of Llama-like families (see :data:`FAMILIES`) in and out of our models."""
 
-from nemo_dpo.interop.hf.config import SOURCE_CONFIG_NAME, architecture_from_hf_config, hf_config_from_architecture, read_hf_config
+from nemo_dpo.interop.hf.config import (
+    SOURCE_CONFIG_NAME,
+    architecture_from_hf_config,
+    hf_config_from_architecture,
+    read_hf_config,
+)
 from nemo_dpo.interop.hf.export import export_hf
 from nemo_dpo.interop.hf.families import FAMILIES, HFFamily
 from nemo_dpo.interop.hf.reader import HuggingFaceReader

@@ -55,12 +55,13 @@ def architecture_from_nemo_config(config: DictConfig) -> dict:
     if activation not in _ACTIVATIONS:
         raise unsupported("activation", activation, _ACTIVATIONS)
     bias = bool(config_value(config, "bias", True))
+    groups = 1 if config_value(config, "multi_query_attention", False) else config_value(config, "num_query_groups")
     architecture = dict(
         num_layers=config_value(config, "num_layers"),
         hidden_size=config_value(config, "hidden_size"),
         ffn_hidden_size=config_value(config, "ffn_hidden_size"),
         num_attention_heads=config_value(config, "num_attention_heads"),
-        num_query_groups=1 if config_value(config, "multi_query_attention", False) else config_value(config, "num_query_groups"),
+        num_query_groups=groups,
         kv_channels=config_value(config, "kv_channels"),
         normalization=config_value(config, "normalization", "layernorm"),
         activation=_ACTIVATIONS[activation],
@@ -70,6 +71,7 @@ def architecture_from_nemo_config(config: DictConfig) -> dict:
         share_embeddings_and_output_weights=bool(config_value(config, "share_embeddings_and_output_weights", True)),
         bias=bias,
         qkv_bias=bool(config_value(config, "qkv_bias", bias)),
+        qk_layernorm=bool(config_value(config, "qk_layernorm", False)),
         layernorm_epsilon=float(config_value(config, "layernorm_epsilon", 1e-5)),
         encoder_seq_length=config_value(config, "encoder_seq_length"),
         max_position_embeddings=config_value(config, "max_position_embeddings"),

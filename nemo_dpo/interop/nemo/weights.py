@@ -9,9 +9,10 @@ checkpoint keys, and tensor-parallel files are merged.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -105,14 +106,16 @@ def checkpoint_key(name: str) -> tuple[str, int | None] | None:
 
 
 def _torch_load(path: Path) -> dict:
+    # Tensors, plain containers, and the BytesIO blobs transformer-engine pickles as
+    # extra state; anything else would need a full unpickle, which we never do.
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        warnings.warn(
-            f"{path} holds objects other than tensors (e.g. transformer-engine extra state); "
-            "unpickling it in full: load only checkpoints you trust", stacklevel=3,
-        )
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([io.BytesIO]):
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds objects other than tensors and transformer-engine extra state, which nemo-dpo "
+            f"does not unpickle: {err}"
+        ) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
