@@ -54,7 +54,6 @@ def architecture_from_nemo_config(config: DictConfig) -> dict:
     activation = config_value(config, "activation", "gelu")
     if activation not in _ACTIVATIONS:
         raise unsupported("activation", activation, _ACTIVATIONS)
-    bias = bool(config_value(config, "bias", True))
     groups = 1 if config_value(config, "multi_query_attention", False) else config_value(config, "num_query_groups")
     architecture = dict(
         num_layers=config_value(config, "num_layers"),
@@ -68,13 +67,15 @@ def architecture_from_nemo_config(config: DictConfig) -> dict:
         position_embedding_type=config_value(config, "position_embedding_type", "learned_absolute"),
         rotary_base=config_value(config, "rotary_base", 10000),
         rotary_percentage=float(config_value(config, "rotary_percentage", 1.0)),
-        share_embeddings_and_output_weights=bool(config_value(config, "share_embeddings_and_output_weights", True)),
-        bias=bias,
-        qkv_bias=bool(config_value(config, "qkv_bias", bias)),
-        qk_layernorm=bool(config_value(config, "qk_layernorm", False)),
+        # Absent booleans take GPTArchitecture's defaults (NeMo's too).
+        share_embeddings_and_output_weights=config_value(config, "share_embeddings_and_output_weights"),
+        bias=config_value(config, "bias"),
+        qkv_bias=config_value(config, "qkv_bias"),
+        qk_layernorm=config_value(config, "qk_layernorm"),
         layernorm_epsilon=float(config_value(config, "layernorm_epsilon", 1e-5)),
         encoder_seq_length=config_value(config, "encoder_seq_length"),
         max_position_embeddings=config_value(config, "max_position_embeddings"),
+        # NeMo's default: the padding the checkpoint's embedding was built with.
         make_vocab_size_divisible_by=config_value(config, "make_vocab_size_divisible_by", 128),
     )
     missing = [key for key in ("num_layers", "hidden_size", "num_attention_heads") if architecture[key] is None]
