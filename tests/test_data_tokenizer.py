@@ -6,7 +6,7 @@ import pickle
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer
+from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer, stage_tokenizer_dir, tokenizer_files_in
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>"]
 SPECIAL_TOKENS += ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -107,3 +107,15 @@ def test_load_errors(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="'<nope>' is not in the tokenizer's vocabulary"):
         load_tokenizer(make_tokenizer_dir(tmp_path), eos_token="<nope>")
+
+
+def test_staged_tokenizer_folder_holds_only_tokenizer_files(tmp_path):
+    source = make_tokenizer_dir(tmp_path / "model")
+    (source / "model.safetensors").write_bytes(b"weights")
+    files = tokenizer_files_in(source)
+    assert sorted(files) == ["tokenizer.json", "tokenizer_config.json"]
+    staged = stage_tokenizer_dir({**files, "chat_template.jinja": "{{ eos_token }}"})
+    assert sorted(p.name for p in staged.iterdir()) == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert (staged / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    # tokenizer_config.json's template wins over chat_template.jinja.
+    assert load_tokenizer(staged).chat_template == load_tokenizer(source).chat_template

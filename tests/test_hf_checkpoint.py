@@ -24,6 +24,9 @@ HF_MODELS = {
     # q/k/v biases only, tied embeddings, tokenizer smaller than the model's vocabulary (as Qwen2's).
     "qwen2": dict(cls="Qwen2Config", tokenizer_vocab=VOCAB - 10, shard=None, config=dict(
         tie_word_embeddings=True, rope_theta=1000.0)),
+    # Per-head q/k RMSNorm before RoPE, head_dim (24) != hidden / heads (16), GQA, tied embeddings, no biases.
+    "qwen3": dict(cls="Qwen3Config", tokenizer_vocab=VOCAB, shard=None, config=dict(
+        head_dim=24, tie_word_embeddings=True, rope_theta=1000.0)),
 }
 LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2)]  # (tp, pp, world)
 
@@ -81,8 +84,8 @@ def hf_models(tmp_path_factory):
 def import_forward_export(path: str, tp: int, pp: int, tokens: torch.Tensor, out_dir: str,
                           vpp: int | None = None) -> dict:
     """Import an HF folder at (tp, pp[, vpp]), forward ``tokens``, export back to ``out_dir``."""
-    from nemo_dpo.checkpoint.hf import export_hf
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop.hf import export_hf
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
     from nemo_dpo.parallel.schedule import forward_backward
@@ -151,7 +154,7 @@ def check_round_trip(dist_pool, hf_models, tmp_path, name, tp, pp, world, vpp=No
 
 
 def test_architecture_from_config(hf_models):
-    from nemo_dpo.checkpoint.hf import architecture_from_hf_config, read_hf_config
+    from nemo_dpo.interop.hf import architecture_from_hf_config, read_hf_config
 
     _, made = hf_models
     llama = architecture_from_hf_config(read_hf_config(made["llama"]["folder"]))
@@ -159,13 +162,16 @@ def test_architecture_from_config(hf_models):
         num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
         kv_channels=16, normalization="rmsnorm", activation="swiglu", position_embedding_type="rope",
         rotary_base=500.0, rotary_percentage=1.0, share_embeddings_and_output_weights=False, bias=False,
-        qkv_bias=False, layernorm_epsilon=1e-5, max_position_embeddings=64,
+        qkv_bias=False, qk_layernorm=False, layernorm_epsilon=1e-5, max_position_embeddings=64,
     )
     mistral = architecture_from_hf_config(read_hf_config(made["mistral"]["folder"]))
     assert (mistral["num_attention_heads"], mistral["num_query_groups"], mistral["kv_channels"]) == (8, 2, 24)
     qwen2 = architecture_from_hf_config(read_hf_config(made["qwen2"]["folder"]))
     assert qwen2["share_embeddings_and_output_weights"] and qwen2["qkv_bias"] and not qwen2["bias"]
-    assert qwen2["rotary_base"] == 1000.0
+    assert qwen2["rotary_base"] == 1000.0 and not qwen2["qk_layernorm"]
+    qwen3 = architecture_from_hf_config(read_hf_config(made["qwen3"]["folder"]))
+    assert qwen3["qk_layernorm"] and not qwen3["bias"] and not qwen3["qkv_bias"]
+    assert (qwen3["num_attention_heads"], qwen3["num_query_groups"], qwen3["kv_channels"]) == (4, 2, 24)
     # transformers < 5 spelling of the rope settings.
     legacy = {k: v for k, v in read_hf_config(made["llama"]["folder"]).items() if k != "rope_parameters"}
     assert architecture_from_hf_config({**legacy, "rope_theta": 42.0, "rope_scaling": None})["rotary_base"] == 42.0
@@ -174,7 +180,7 @@ def test_architecture_from_config(hf_models):
 def save_model_folder(hf_path: str, folder: str) -> None:
     """Import an HF folder at TP=2 and save it as a nemo-dpo model folder."""
     from nemo_dpo.checkpoint.pretrained import save_pretrained
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -187,7 +193,7 @@ def save_model_folder(hf_path: str, folder: str) -> None:
 
 
 def run_export_cli(argv: list[str]) -> None:
-    from nemo_dpo.checkpoint.export_cli import main
+    from nemo_dpo.interop.export_cli import main
 
     main(argv)
 
@@ -212,7 +218,7 @@ def test_export_cli_from_model_folder(dist_pool, hf_models, tmp_path):
 
 def default_model_logits(tokens: torch.Tensor) -> torch.Tensor:
     from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 

@@ -28,7 +28,7 @@ def edited_copy(folder, tmp_path, **config_changes):
 
 
 def test_unsupported_architecture_lists_the_supported_ones(llama_folder, tmp_path):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     folder = edited_copy(llama_folder, tmp_path, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
     with pytest.raises(ValueError) as error:
@@ -44,7 +44,7 @@ def test_unsupported_architecture_lists_the_supported_ones(llama_folder, tmp_pat
     (dict(attention_bias=True), ["attention_bias=True", "mlp_bias=False"]),
 ])
 def test_unsupported_settings_are_named(llama_folder, tmp_path, changes, words):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     with pytest.raises(ValueError) as error:
         open_pretrained(edited_copy(llama_folder, tmp_path, **changes))
@@ -52,7 +52,7 @@ def test_unsupported_settings_are_named(llama_folder, tmp_path, changes, words):
 
 
 def test_missing_weight_file_is_named(llama_folder, tmp_path):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     folder = edited_copy(llama_folder, tmp_path)
     shards = sorted(folder.glob("*.safetensors"))
@@ -69,7 +69,7 @@ def test_missing_weight_file_is_named(llama_folder, tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor(llama_folder, tmp_path):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     gate = r"model\.layers\.0\.mlp\.gate_proj\.weight .* has shape \[96, 64\].*implies \[80, 64\]"
     with pytest.raises(ValueError, match=gate):
@@ -80,7 +80,7 @@ def test_shape_mismatch_names_the_tensor(llama_folder, tmp_path):
 
 def load_into_other_architecture(path: str) -> str:
     """Build a model that disagrees with the checkpoint and try to load it; return the error."""
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -102,7 +102,7 @@ def test_model_of_another_architecture_is_refused(dist_pool, llama_folder):
 
 def export_unexportable(out_dir: str) -> list[str]:
     """A GPT-2 style model (LayerNorm, GELU, learned positions) has no Llama/Qwen2 form; nor has an existing folder."""
-    from nemo_dpo.checkpoint.hf import export_hf
+    from nemo_dpo.interop.hf import export_hf
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nemo_dpo.models.nlp.gpt.builder import build_gpt_model, padded_vocab_size
+from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
+from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, encoder_seq_length=16)
 
@@ -22,10 +23,15 @@ def build_and_describe(overrides, vocab_size):
     )
 
 
+def padded_vocab_size(vocab_size, divisible_by, tp):
+    return GPTArchitecture(1, 64, 4, make_vocab_size_divisible_by=divisible_by).padded_vocab_size(tp, vocab_size)
+
+
 def test_padded_vocab_size():
     assert padded_vocab_size(100, 16, 1) == 112
     assert padded_vocab_size(100, 16, 2) == 128
     assert padded_vocab_size(128, 128, 1) == 128
+    assert GPTArchitecture(1, 64, 4, vocab_size=129).padded_vocab_size(1) == 256  # default multiple: 128
 
 
 def test_qwen2_style_qkv_bias_only_gqa_untied(dist_pool):
@@ -61,3 +67,12 @@ def test_gpt2_style_tied_learned_positions(dist_pool):
 def test_unsupported_option_is_named(dist_pool, key, value):
     with pytest.raises(RuntimeError, match=rf"model\.{key}='{value}' is not supported; valid: "):
         dist_pool.run(1, build_and_describe, {key: value}, 100)
+
+
+def test_qk_layernorm_normalises_each_head(dist_pool):
+    base = dict(normalization="rmsnorm", kv_channels=24, num_query_groups=2)
+    shapes = dist_pool.run(1, build_and_describe, dict(base, qk_layernorm=True), 100)[0]["shapes"]
+    assert shapes["decoder.layers.0.self_attention.q_layernorm.weight"] == (24,)
+    assert shapes["decoder.layers.1.self_attention.k_layernorm.weight"] == (24,)
+    plain = dist_pool.run(1, build_and_describe, base, 100)[0]["shapes"]
+    assert not any("q_layernorm" in name or "k_layernorm" in name for name in plain)

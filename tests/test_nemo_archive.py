@@ -58,7 +58,7 @@ ARCHITECTURE = dict(
     num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
     kv_channels=16, normalization="rmsnorm", activation="swiglu", position_embedding_type="rope",
     rotary_base=500.0, rotary_percentage=1.0, share_embeddings_and_output_weights=False, bias=False,
-    qkv_bias=False, layernorm_epsilon=1e-5, encoder_seq_length=16, max_position_embeddings=16,
+    qkv_bias=False, qk_layernorm=False, layernorm_epsilon=1e-5, encoder_seq_length=16, max_position_embeddings=16,
     make_vocab_size_divisible_by=16,
 )
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -87,6 +87,9 @@ def write_nemo_weights(tp: int, precision, folder: str, dist_weights: bool, te_n
                 for local, te in TE_NAMES.items():
                     name = name.replace(local, te)
             state["model." + name] = value
+            if te_names and name.endswith("linear_qkv.weight"):
+                # transformer-engine FP8 metadata, which NeMo pickles as BytesIO beside the weights.
+                state["model." + name.replace("weight", "_extra_state")] = io.BytesIO(b"fp8 metadata")
         rank_folder = folder if tp == 1 else folder / f"mp_rank_{dist.get_rank():02d}"
         path = rank_folder / "model_weights.ckpt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,7 @@ def archives(dist_pool, tmp_path_factory):
 
 
 def import_nemo(path: str, tp: int, pp: int, tokenizer: str, extract_dir: str) -> dict:
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -151,7 +154,7 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 
 def test_config_maps_to_our_architecture(archives):
-    from nemo_dpo.checkpoint.nemo_archive import architecture_from_nemo_config, read_nemo_config
+    from nemo_dpo.interop.nemo import architecture_from_nemo_config, read_nemo_config
 
     _, _, made, _ = archives
     assert architecture_from_nemo_config(read_nemo_config(made["torch_te"])) == ARCHITECTURE
@@ -178,7 +181,7 @@ def test_torch_state_dict_checkpoints(dist_pool, archives, tmp_path, name, tp, p
 
 def test_sentencepiece_tokenizer_inside_the_archive(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"]
     corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
@@ -208,7 +211,7 @@ def test_sentencepiece_tokenizer_inside_the_archive(tmp_path):
 
 
 def test_tokenizer_named_by_hub_id_needs_a_path(archives, tmp_path):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     _, _, made, _ = archives
     with pytest.raises(FileNotFoundError, match="meta-llama/Llama-2-7b-hf.*tokenizer"):
@@ -222,7 +225,7 @@ def test_tokenizer_named_by_hub_id_needs_a_path(archives, tmp_path):
     (("seq_len_interpolation_factor: null", "seq_len_interpolation_factor: 4"), "seq_len_interpolation_factor=4"),
 ])
 def test_unsupported_config_is_named(tmp_path, change, message):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     folder = nemo_folder(tmp_path, "bad", NEMO_CONFIG.replace(*change))
     (folder / "model_weights.ckpt").write_bytes(b"")
@@ -231,7 +234,7 @@ def test_unsupported_config_is_named(tmp_path, change, message):
 
 
 def test_missing_weights_are_reported(tmp_path, archives):
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
 
     _, tokenizer, _, _ = archives
     folder = nemo_folder(tmp_path, "empty")
@@ -244,8 +247,8 @@ def test_missing_weights_are_reported(tmp_path, archives):
 
 
 def import_forward_export(path: str, tokenizer: str, tokens: torch.Tensor, out_dir: str) -> torch.Tensor:
-    from nemo_dpo.checkpoint.hf import export_hf
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop.hf import export_hf
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -277,7 +280,7 @@ def test_nemo_to_hugging_face(dist_pool, archives, tmp_path):
 
 
 def load_misshapen(path: str, tokenizer: str) -> str:
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
@@ -308,3 +311,15 @@ def test_shape_mismatch_names_the_tensor(dist_pool, archives, tmp_path):
         message = dist_pool.run(1, load_misshapen, str(folder), str(tokenizer))[0]
         assert "decoder.layers.mlp.linear_fc1.weight" in message, message
         assert "(4, 192, 64)" in message or "(192, 64)" in message, message
+
+
+def test_torch_files_are_never_unpickled_in_full(tmp_path):
+    """Only tensors and transformer-engine's BytesIO extra state are read from torch files."""
+    from fractions import Fraction
+
+    from nemo_dpo.interop.nemo.weights import TorchStateDictWeights
+
+    path = tmp_path / "model_weights.ckpt"
+    torch.save({"model.output_layer.weight": torch.ones(2, 2), "hparams": Fraction(1, 3)}, path)
+    with pytest.raises(ValueError, match="does not unpickle"):
+        TorchStateDictWeights([(0, 0, path)], gated=False)

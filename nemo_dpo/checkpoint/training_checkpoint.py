@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
-from omegaconf import OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_dpo.checkpoint.dist_ckpt import (
@@ -30,17 +28,17 @@ from nemo_dpo.checkpoint.dist_ckpt import (
     is_complete,
     load_model_weights,
     model_sharded_state_dict,
-    save_model_weights,
 )
-from nemo_dpo.checkpoint.pretrained import architecture_of
-from nemo_dpo.parallel.collectives import barrier, broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
+from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, write_model_folder
+from nemo_dpo.parallel.collectives import broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
 from nemo_dpo.parallel.device import accelerator_rng_state, set_accelerator_rng_state
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
-_DIST_FOLDERS = ("weights", "optimizer")
+OPTIMIZER_DIR = "optimizer"
+_DIST_FOLDERS = (WEIGHTS_DIR, OPTIMIZER_DIR)
 
 
 def _rng_state() -> dict:
@@ -63,16 +61,12 @@ def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, tr
     rng_states = _all_rng_states()
     with atomic_checkpoint_dir(folder) as staging:
         if is_rank0():
-            OmegaConf.save(OmegaConf.create(architecture_of(model_cfg)), staging / "model_config.yaml")
-            shutil.copytree(tokenizer_dir, staging / "tokenizer")
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
             torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states}, staging / TRAINING_STATE)
-            for name in _DIST_FOLDERS:
-                (staging / name).mkdir()
-        barrier()
-        save_model_weights(model.model, staging / "weights")
+            (staging / OPTIMIZER_DIR).mkdir()
+        write_model_folder(staging, model.model, model_cfg, tokenizer_dir)
         sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model))
-        dist_checkpointing.save({"optimizer": sharded}, str(staging / "optimizer"))
+        dist_checkpointing.save({"optimizer": sharded}, str(staging / OPTIMIZER_DIR))
     return Path(folder)
 
 
@@ -89,9 +83,9 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     world size matches the saving run's; otherwise ranks keep their fresh seeds.
     """
     folder = Path(folder)
-    load_model_weights(model.model, folder / "weights")
+    load_model_weights(model.model, folder / WEIGHTS_DIR)
     sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model), is_loading=True)
-    loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / "optimizer"))
+    loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / OPTIMIZER_DIR))
     optimizer.load_sharded_state_dict(loaded["optimizer"])
     training_state = torch.load(folder / TRAINING_STATE, weights_only=False)
     scheduler.load_state_dict(training_state["scheduler"])
@@ -113,7 +107,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not is_complete(folder):
         return "its save did not finish (no completion marker)"
-    for name in (TRAINER_STATE, TRAINING_STATE, "model_config.yaml"):
+    for name in (TRAINER_STATE, TRAINING_STATE, MODEL_CONFIG):
         if not (folder / name).is_file():
             return f"{name} is missing"
     for name in _DIST_FOLDERS:

@@ -1,20 +1,36 @@
-"""A Hugging Face ``tokenizer.json`` behind the small interface the data pipeline uses.
+"""Tokenizers and tokenizer folders, behind the small interface the data pipeline uses.
 
-Only the Rust ``tokenizers`` library is needed; ``transformers`` is not.
-Chat templates are rendered with jinja2, the engine Hugging Face uses for them,
-with the same environment options so a model's template gives the same text.
+A tokenizer is a folder holding only tokenizer files (checkpoints copy it whole):
+``tokenizer.json`` (Hugging Face ``tokenizers``; ``transformers`` is not
+needed) with ``tokenizer_config.json``, or a SentencePiece ``tokenizer.model``
+(see :mod:`nemo_dpo.data.sentencepiece_backend`). Chat templates are rendered
+with jinja2, the engine Hugging Face uses for them, with the same environment
+options so a model's template gives the same text.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 from tokenizers import Tokenizer
 
-__all__ = ["HFTokenizer", "load_tokenizer"]
+from nemo_dpo.data.sentencepiece_backend import SentencePieceBackend
+
+__all__ = ["HFTokenizer", "TOKENIZER_FILES", "load_tokenizer", "stage_tokenizer_dir", "tokenizer_files_in"]
+
+# Files that travel with the tokenizer: how to tokenize, and how to generate
+# (generation_config.json holds the stop tokens a server uses).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
 
 
 def _token_content(token: Any) -> str | None:
@@ -130,17 +146,7 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
-def load_tokenizer(path: str | Path, **overrides: Any) -> HFTokenizer:
-    """Load ``tokenizer.json`` from a file or a folder.
-
-    In a folder, ``tokenizer_config.json`` (special tokens, chat template) and a
-    ``chat_template.jinja`` file are read when present. ``overrides`` go to :class:`HFTokenizer`.
-    """
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    tokenizer_file = folder / "tokenizer.json" if path.is_dir() else path
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"no tokenizer file at {tokenizer_file}")
+def _read_tokenizer_config(folder: Path) -> dict:
     config: dict = {}
     config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
@@ -148,4 +154,55 @@ def load_tokenizer(path: str | Path, **overrides: Any) -> HFTokenizer:
     template_file = folder / "chat_template.jinja"
     if "chat_template" not in config and template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
-    return HFTokenizer(Tokenizer.from_file(str(tokenizer_file)), config, **overrides)
+    return config
+
+
+def load_tokenizer(path: str | Path, **overrides: Any) -> HFTokenizer:
+    """Load a ``tokenizer.json`` file, or a tokenizer folder (``tokenizer.json``, else ``tokenizer.model``).
+
+    In a folder, ``tokenizer_config.json`` (special tokens, chat template) and a
+    ``chat_template.jinja`` file are read when present. ``overrides`` go to :class:`HFTokenizer`.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    tokenizer_file = folder / "tokenizer.json" if path.is_dir() else path
+    config = _read_tokenizer_config(folder)
+    if tokenizer_file.is_file():
+        return HFTokenizer(Tokenizer.from_file(str(tokenizer_file)), config, **overrides)
+    if path.is_dir() and (folder / "tokenizer.model").is_file():
+        backend = SentencePieceBackend(folder / "tokenizer.model")
+        for key, token in backend.special_tokens().items():
+            if config.get(key) is None:
+                config[key] = token
+        return HFTokenizer(backend, config, **overrides)
+    raise FileNotFoundError(f"no tokenizer file at {tokenizer_file} (nor a tokenizer.model beside it)")
+
+
+def tokenizer_files_in(folder: Path) -> dict[str, Path]:
+    """The tokenizer files present in ``folder``, by name."""
+    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+_STAGED: list[str] = []
+
+
+def _remove_staged() -> None:
+    for folder in _STAGED:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def stage_tokenizer_dir(files: dict[str, Path | str]) -> Path:
+    """A fresh tokenizer folder (removed at exit) holding ``files``: name in folder -> source file or text.
+
+    ``Path`` values are copied; ``str`` values are written as text.
+    """
+    if not _STAGED:
+        atexit.register(_remove_staged)
+    folder = Path(tempfile.mkdtemp(prefix="nemo_dpo_tokenizer_"))
+    _STAGED.append(str(folder))
+    for name, source in files.items():
+        if isinstance(source, Path):
+            shutil.copy2(source, folder / name)
+        else:
+            (folder / name).write_text(source, encoding="utf-8")
+    return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import (
@@ -14,60 +13,32 @@ from megatron.core.tensor_parallel.layers import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_dpo.models.nlp.gpt.architecture import NORMALIZATIONS, GPTArchitecture, precision_dtype
 from nemo_dpo.models.nlp.gpt.init import initialize_weights
+from nemo_dpo.models.nlp.gpt.layer_specs import gpt_layer_spec
 from nemo_dpo.parallel.cpu_compat import transformer_config_overrides
 from nemo_dpo.parallel.device import accelerator_device
-from nemo_dpo.models.nlp.gpt.layer_specs import gpt_layer_spec
-
-_NORMALIZATIONS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
-# (activation function, gated linear unit)
-_ACTIVATIONS = {
-    "gelu": (F.gelu, False),
-    "squared-relu": (lambda x: torch.pow(F.relu(x), 2), False),
-    "swiglu": (F.silu, True),
-    "fast-swiglu": (F.silu, True),
-    "geglu": (F.gelu, True),
-}
-_POSITION_EMBEDDINGS = ("learned_absolute", "rope")
-_DTYPES = {32: torch.float32, "32": torch.float32, "fp32": torch.float32,
-           "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
-           16: torch.float16, "16": torch.float16, "16-mixed": torch.float16}
-
-
-def _choice(cfg, key: str, default, valid):
-    value = cfg.get(key, default)
-    if value not in valid:
-        raise ValueError(f"model.{key}={value!r} is not supported; valid: {sorted(map(str, valid))}")
-    return value
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Vocab rounded up so each tensor-parallel shard is a multiple of ``divisible_by``."""
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config_from_cfg(cfg) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` for the model config and the live parallel layout."""
-    normalization = _NORMALIZATIONS[_choice(cfg, "normalization", "layernorm", _NORMALIZATIONS)]
-    activation, gated = _ACTIVATIONS[_choice(cfg, "activation", "gelu", _ACTIVATIONS)]
-    dtype = _DTYPES[_choice(cfg, "precision", 32, _DTYPES)]
-    bias = bool(cfg.get("bias", True))
-    hidden = cfg.hidden_size
-    heads = cfg.num_attention_heads
+    arch = GPTArchitecture.from_config(cfg)
+    dtype = precision_dtype(cfg.get("precision", 32))
+    gated = arch.gated_linear_unit
     settings = dict(
-        num_layers=cfg.num_layers,
-        hidden_size=hidden,
-        ffn_hidden_size=cfg.get("ffn_hidden_size") or 4 * hidden,
-        num_attention_heads=heads,
-        num_query_groups=cfg.get("num_query_groups") or heads,
-        kv_channels=cfg.get("kv_channels") or hidden // heads,
-        normalization=normalization,
-        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
-        activation_func=activation,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization=NORMALIZATIONS[arch.normalization],
+        layernorm_epsilon=arch.layernorm_epsilon,
+        activation_func=arch.activation_func,
         gated_linear_unit=gated,
-        add_bias_linear=bias,
-        add_qkv_bias=bool(cfg.get("qkv_bias", bias)),
+        add_bias_linear=arch.bias,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=cfg.get("hidden_dropout", 0.0),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         init_method_std=cfg.get("init_method_std", 0.02),
@@ -82,7 +53,7 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
         # Weights are drawn by initialize_weights, layout-independently.
         use_cpu_initialization=True,
         perform_initialization=False,
-        bias_activation_fusion=bias and not gated,
+        bias_activation_fusion=arch.bias and not gated,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
@@ -99,16 +70,10 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
     :func:`initialize_weights`, so every parallel layout starts from the same
     model for the same ``seed`` (default ``cfg.seed``).
     """
+    arch = GPTArchitecture.from_config(cfg)
     config = transformer_config_from_cfg(cfg)
-    position_embedding_type = _choice(
-        cfg, "position_embedding_type", "learned_absolute", _POSITION_EMBEDDINGS
-    )
-    padded = padded_vocab_size(
-        vocab_size,
-        cfg.get("make_vocab_size_divisible_by", 128),
-        config.tensor_model_parallel_size,
-    )
-    layer_spec = gpt_layer_spec(config.normalization, cfg.get("transformer_engine"))
+    padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
+    layer_spec = gpt_layer_spec(config.normalization, cfg.get("transformer_engine"), arch.qk_layernorm)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):
@@ -117,15 +82,13 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
             config=config,
             transformer_layer_spec=layer_spec,
             vocab_size=padded,
-            max_sequence_length=cfg.get("max_position_embeddings") or cfg.encoder_seq_length,
+            max_sequence_length=arch.max_sequence_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=bool(
-                cfg.get("share_embeddings_and_output_weights", True)
-            ),
-            position_embedding_type=position_embedding_type,
-            rotary_percent=cfg.get("rotary_percentage", 1.0),
-            rotary_base=cfg.get("rotary_base", 10000),
+            share_embeddings_and_output_weights=arch.share_embeddings_and_output_weights,
+            position_embedding_type=arch.position_embedding_type,
+            rotary_percent=arch.rotary_percentage,
+            rotary_base=arch.rotary_base,
             vp_stage=stage,
         )
         model.true_vocab_size = vocab_size

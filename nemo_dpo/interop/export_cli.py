@@ -1,9 +1,9 @@
 """Export a trained model as a Hugging Face folder that ``transformers`` and serving engines load.
 
-    python -m nemo_dpo.checkpoint.export_cli --checkpoint results/gpt_dpo/checkpoints/final_model --out my-model-hf
-    torchrun --nproc-per-node 2 -m nemo_dpo.checkpoint.export_cli --checkpoint ... --out ... --tp 2
+    python -m nemo_dpo.interop.export_cli --checkpoint results/gpt_dpo/checkpoints/final_model --out my-model-hf
+    torchrun --nproc-per-node 2 -m nemo_dpo.interop.export_cli --checkpoint ... --out ... --tp 2
 
-``--checkpoint`` is anything :func:`nemo_dpo.checkpoint.restore.open_pretrained`
+``--checkpoint`` is anything :func:`nemo_dpo.interop.open_pretrained`
 reads (a nemo-dpo model folder, a ``.nemo`` archive, even an HF folder). The
 model is built at ``--tp``/``--pp`` (the processes left over are data-parallel
 copies), loaded, and gathered to rank 0 one tensor at a time; big models need
@@ -16,11 +16,9 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PRECISION = {None: 32, torch.float32: 32, torch.bfloat16: "bf16", torch.float16: 16}
+from nemo_dpo.models.nlp.gpt.architecture import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the model at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the model at")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="dtype of the written weights (auto: the precision the model is loaded in, fp32)")
-    parser.add_argument("--load-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    parser.add_argument("--load-dtype", choices=sorted(DTYPES), default="fp32",
                         help="precision to build the model in while exporting (bf16 halves the memory)")
     parser.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder to use instead of the checkpoint's")
@@ -40,22 +38,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> Path:
-    from nemo_dpo.checkpoint.hf import export_hf
-    from nemo_dpo.checkpoint.restore import open_pretrained
+    from nemo_dpo.interop import open_pretrained
+    from nemo_dpo.interop.hf import export_hf
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout(args.tp, args.pp))
     source = open_pretrained(args.checkpoint, tokenizer_path=args.tokenizer)
-    load_dtype = _DTYPES[args.load_dtype]
-    cfg = OmegaConf.create({**source.architecture, "precision": _PRECISION[load_dtype]})
+    cfg = OmegaConf.create({**source.architecture, "precision": args.load_dtype})
     if cfg.get("encoder_seq_length") is None and cfg.get("max_position_embeddings") is None:
         cfg.encoder_seq_length = 2048  # only sizes learned position embeddings, which then are in the config
     chunks = build_gpt_model(cfg, source.vocab_size)
     source.load_weights(chunks)
     return export_hf(
         chunks, source.architecture, source.vocab_size, args.out,
-        tokenizer_dir=source.tokenizer_dir, dtype=_DTYPES[args.dtype],
+        tokenizer_dir=source.tokenizer_dir, dtype=DTYPES.get(args.dtype),
         max_shard_bytes=int(args.max_shard_size * 2**30), overwrite=args.overwrite,
     )
 
