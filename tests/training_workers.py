@@ -21,6 +21,6 @@ def train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
 
 
 def export_hf(checkpoint: str, out: str) -> None:
-    from nemo_dpo.checkpoint.export_cli import main
+    from nemo_dpo.interop.export_cli import main
 
     main(["--checkpoint", checkpoint, "--out", out])

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
-from nemo_dpo.checkpoint.restore import open_pretrained
+from nemo_dpo.interop import open_pretrained
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 
