@@ -39,6 +39,7 @@ def test_padding_shapes_and_values():
     assert set(out) == {
         *("chosen", "rejected", "chosen_length", "rejected_length", "chosen_labels", "rejected_labels"),
         *("position_ids", "rejected_position_ids", "chosen_rewards", "rejected_rewards", "sample_mask"),
+        "sample_index",
     }
     assert out["chosen"].shape == out["rejected"].shape == out["chosen_labels"].shape == (2, 6)
     assert out["chosen"].tolist() == [[10, 11, 12, EOS, EOS, EOS], [10, 11, 12, 13, 14, 15]]
@@ -51,7 +52,7 @@ def test_padding_shapes_and_values():
     assert out["chosen_length"].tolist() == [3, 6] and out["rejected_length"].tolist() == [5, 4]
     assert out["chosen_rewards"].tolist() == [0.5, 1.0] and out["rejected_rewards"].tolist() == [0.0, 0.0]
     assert out["chosen_rewards"].dtype == torch.float and out["chosen_length"].dtype == torch.long
-    assert out["sample_mask"].tolist() == [1.0, 1.0]
+    assert out["sample_mask"].tolist() == [1.0, 1.0] and out["sample_index"].tolist() == [-1, -1]
     assert out["position_ids"].tolist() == out["rejected_position_ids"].tolist() == [list(range(6))] * 2
 
 

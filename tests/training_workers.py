@@ -5,8 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from nemo_dpo.losses import PREFERENCE_LOSSES, register_preference_loss
 from nemo_dpo.parallel.collectives import is_rank0
 from nemo_dpo.training import compose_config, train
+
+NAN_LOSS = "nan_for_tests"
+
+if NAN_LOSS not in PREFERENCE_LOSSES:
+    # Poisons training through the public plug-in point: ``model.dpo.preference_loss=nan_for_tests``.
+    @register_preference_loss(NAN_LOSS)
+    def _nan_loss(chosen_logratios, rejected_logratios, **_):
+        return (chosen_logratios - rejected_logratios) * torch.nan
 
 
 def read_metrics(log_dir: Path) -> list[dict]:

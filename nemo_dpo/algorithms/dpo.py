@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from nemo_dpo.data.collate import dpo_custom_collate
-from nemo_dpo.parallel.collectives import all_reduce, barrier, is_rank0
+from nemo_dpo.parallel.collectives import all_gather_objects, all_reduce, barrier, is_rank0
 
 __all__ = ["DPOTrainer", "NonFiniteLossError", "compute_max_steps", "dpo_custom_collate"]
 
@@ -87,6 +87,8 @@ class DPOTrainer:
         self.ckpt_callback = ckpt_callback
         self.run_timer = run_timer
         self.step = 0
+        # The step of the newest checkpoint this run saved or resumed from (None: none yet).
+        self.last_checkpoint_step: int | None = None
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.num_steps_per_epoch = steps_per_epoch(cfg, train_dataloader.batch_sampler)
@@ -117,9 +119,12 @@ class DPOTrainer:
             success, grad_norm, _ = self.optimizer.step(clip_grad=self.cfg.get("gradient_clip_val", 0.0))
         if not success:
             if not self.cfg.get("skip_nonfinite_steps", False):
+                samples = self._global_sample_indices(global_batch)
+                saved = (f"the checkpoint of step {self.last_checkpoint_step} is intact"
+                         if self.last_checkpoint_step is not None else "no checkpoint of this run exists yet")
                 raise NonFiniteLossError(
-                    f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); the "
-                    "weights were not updated and the last saved checkpoint is intact "
+                    f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}) on training "
+                    f"samples {samples}; the weights were not updated and {saved} "
                     "(trainer.dpo.skip_nonfinite_steps=True skips such steps instead)"
                 )
             self.optimizer.zero_grad()
@@ -155,6 +160,13 @@ class DPOTrainer:
             progress.set_postfix({f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "acc")})
         val_metrics = {key: value / max(pairs_seen, 1) for key, value in totals.items()}
         return val_metrics.get("loss", float("nan")), val_metrics
+
+    @staticmethod
+    def _global_sample_indices(batch: dict) -> list[int]:
+        """The dataset indices of the global batch's pairs (all data-parallel ranks), sorted."""
+        local = batch["sample_index"].tolist() if "sample_index" in batch else []
+        gathered = all_gather_objects(local, group=parallel_state.get_data_parallel_group())
+        return sorted(index for indices in gathered for index in indices if index >= 0)
 
     @staticmethod
     def _global_pairs(batch: dict) -> int:
@@ -220,6 +232,7 @@ class DPOTrainer:
         barrier()
         candidates = {**self.state_dict(), **(extra_candidates or {})}
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
+        self.last_checkpoint_step = self.step
 
     def set_max_steps(self) -> None:
         self.max_steps = compute_max_steps(self.cfg, self.train_dataloader.batch_sampler)
@@ -232,6 +245,7 @@ class DPOTrainer:
         self.step = int(state_dict["step"])
         self.consumed_samples = int(state_dict["consumed_samples"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.last_checkpoint_step = self.step
         self.set_max_steps()
 
     @property

@@ -49,8 +49,9 @@ def dpo_custom_collate(
 
     Returns ``chosen``, ``rejected``, ``chosen_length``, ``rejected_length``,
     ``chosen_labels``, ``rejected_labels``, ``position_ids`` (of the chosen rows) and
-    ``rejected_position_ids``, ``chosen_rewards``, ``rejected_rewards`` and ``sample_mask``
-    (1.0 for real pairs, 0.0 for sampler padding, see :mod:`nemo_dpo.data.samplers`).
+    ``rejected_position_ids``, ``chosen_rewards``, ``rejected_rewards``, ``sample_mask``
+    (1.0 for real pairs, 0.0 for sampler padding, see :mod:`nemo_dpo.data.samplers`) and
+    ``sample_index`` (the dataset index of each pair; -1 when the item does not say).
     No attention mask is built: every row is one causal sequence, which the model's
     attention applies without a ``[B, 1, S, S]`` tensor, so ``reset_attention_mask``
     (documents separated by eos inside a row) is refused.
@@ -111,4 +112,5 @@ def dpo_custom_collate(
         "chosen_rewards": torch.tensor([item["chosen_reward"] for item in batch], dtype=torch.float),
         "rejected_rewards": torch.tensor([item["rejected_reward"] for item in batch], dtype=torch.float),
         "sample_mask": torch.tensor([item.get("sample_mask", 1.0) for item in batch], dtype=torch.float),
+        "sample_index": torch.tensor([item.get("sample_index", -1) for item in batch], dtype=torch.long),
     }

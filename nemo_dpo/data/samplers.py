@@ -149,6 +149,9 @@ class MegatronPretrainingRandomBatchSampler(_MegatronBatchSampler):
 class PaddedIndexDataset(Dataset):
     """Serves :data:`PAD_INDEX` as a copy of item 0 with ``sample_mask=0.0``; real items get 1.0.
 
+    Every item also carries its ``sample_index`` (PAD_INDEX for padding), so a
+    failing step can name the samples it was made of.
+
     A copy of a real item (rather than an empty one) keeps every tensor well formed, so
     the loss stays finite before the mask zeroes it.
     """
@@ -161,8 +164,8 @@ class PaddedIndexDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         if idx == PAD_INDEX:
-            return {**copy.deepcopy(self.dataset[0]), "sample_mask": 0.0}
-        return {**self.dataset[idx], "sample_mask": 1.0}
+            return {**copy.deepcopy(self.dataset[0]), "sample_mask": 0.0, "sample_index": PAD_INDEX}
+        return {**self.dataset[idx], "sample_mask": 1.0, "sample_index": idx}
 
 
 def identity_collate(batch: list) -> list:

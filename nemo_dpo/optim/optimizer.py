@@ -161,18 +161,35 @@ SHARDED_NAMES = ("distributed_fused_adam",)
 
 def build_optimizer(model_chunks, optim_cfg) -> ReplicatedAdamW:
     """Optimizer from ``model.optim`` (``name``, ``lr``, ``weight_decay``, ``betas``, ``eps``)."""
+    settings = check_optimizer_config(optim_cfg)
+    if optim_cfg.get("name", "adamw") in SHARDED_NAMES:
+        log.warning(
+            "model.optim.name=%s: the optimizer state is not sharded yet; every data-parallel rank "
+            "keeps all of it (AdamW, same updates)", optim_cfg.name,
+        )
+    return ReplicatedAdamW(model_chunks, **settings)
+
+
+def check_optimizer_config(optim_cfg) -> dict:
+    """``model.optim``'s AdamW settings, each checked; an impossible value raises naming its key."""
     name = optim_cfg.get("name", "adamw")
     if name not in ADAM_NAMES:
         raise ValueError(f"model.optim.name={name!r} is not supported; valid: {list(ADAM_NAMES)}")
-    if name in SHARDED_NAMES:
-        log.warning(
-            "model.optim.name=%s: the optimizer state is not sharded yet; every data-parallel rank "
-            "keeps all of it (AdamW, same updates)", name,
-        )
-    return ReplicatedAdamW(
-        model_chunks,
-        lr=optim_cfg.lr,
-        weight_decay=optim_cfg.get("weight_decay", 0.0),
-        betas=tuple(optim_cfg.get("betas", (0.9, 0.999))),
-        eps=optim_cfg.get("eps", 1e-8),
-    )
+    lr, weight_decay = optim_cfg.get("lr"), optim_cfg.get("weight_decay", 0.0)
+    betas, eps = tuple(optim_cfg.get("betas", (0.9, 0.999))), optim_cfg.get("eps", 1e-8)
+    _require(_is_number(lr) and lr > 0, f"model.optim.lr={lr!r} must be a finite number > 0")
+    _require(_is_number(weight_decay) and weight_decay >= 0,
+             f"model.optim.weight_decay={weight_decay!r} must be a finite number >= 0")
+    _require(len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+             f"model.optim.betas={list(betas)!r} must be two numbers in [0, 1)")
+    _require(_is_number(eps) and eps > 0, f"model.optim.eps={eps!r} must be a finite number > 0")
+    return dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

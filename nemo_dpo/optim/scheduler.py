@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def cosine_annealing_lr(step: int, max_lr: float, min_lr: float, max_steps: int,
@@ -49,13 +52,31 @@ def build_scheduler(optimizer, sched_cfg, max_steps: int) -> torch.optim.lr_sche
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     if sched_cfg is None:
         return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lambda step: 1.0)
+    check_schedule_config(sched_cfg, torch_optimizer.param_groups[0]["lr"])
+    max_steps = sched_cfg.get("max_steps") or max_steps
+    min_lr = sched_cfg.get("min_lr", 0.0)
+    warmup_steps, constant_steps = sched_cfg.get("warmup_steps", 0), sched_cfg.get("constant_steps", 0)
+    if warmup_steps + constant_steps > max_steps:
+        # Short trial runs of a long schedule are common; they just never reach the peak.
+        log.warning(
+            "model.optim.sched: warmup_steps (%d) + constant_steps (%d) exceed the run's %d steps: the "
+            "learning rate never reaches model.optim.lr", warmup_steps, constant_steps, max_steps,
+        )
+    return CosineAnnealing(torch_optimizer, max_steps=max_steps, min_lr=min_lr,
+                           warmup_steps=warmup_steps, constant_steps=constant_steps)
+
+
+def check_schedule_config(sched_cfg, lr: float) -> None:
+    """Raise, naming the key, for a schedule ``model.optim.sched`` that cannot work with peak rate ``lr``."""
+    if sched_cfg is None:
+        return
     name = sched_cfg.get("name")
     if name != "CosineAnnealing":
         raise ValueError(f"model.optim.sched.name={name!r} is not supported; valid: ['CosineAnnealing']")
-    return CosineAnnealing(
-        torch_optimizer,
-        max_steps=sched_cfg.get("max_steps") or max_steps,
-        min_lr=sched_cfg.get("min_lr", 0.0),
-        warmup_steps=sched_cfg.get("warmup_steps", 0),
-        constant_steps=sched_cfg.get("constant_steps", 0),
-    )
+    min_lr = sched_cfg.get("min_lr", 0.0)
+    warmup_steps, constant_steps = sched_cfg.get("warmup_steps", 0), sched_cfg.get("constant_steps", 0)
+    if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and 0 <= min_lr <= lr):
+        raise ValueError(f"model.optim.sched.min_lr={min_lr!r} must be a finite number in [0, model.optim.lr={lr}]")
+    for key, value in (("warmup_steps", warmup_steps), ("constant_steps", constant_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"model.optim.sched.{key}={value!r} must be an integer >= 0")

@@ -4,7 +4,7 @@
 are its steps, usable one by one.
 """
 
-from nemo_dpo.training.config import compose_config
+from nemo_dpo.training.config import check_config_keys, compose_config, validate_config
 from nemo_dpo.training.data import (
     DATA_IMPLS,
     DEFAULT_DATA_DIR,
@@ -27,10 +27,12 @@ __all__ = [
     "build_train_dataloader",
     "build_trainer",
     "build_val_dataloader",
+    "check_config_keys",
     "check_data_impl",
     "compose_config",
     "load_pretrained_model",
     "log_dir_of",
     "resume_checkpoint",
     "train",
+    "validate_config",
 ]

@@ -6,7 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
+from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
+from nemo_dpo.optim.optimizer import check_optimizer_config
+from nemo_dpo.optim.scheduler import check_schedule_config
 
 # The repository's conf/ folder (next to the package in a source checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -23,3 +28,54 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | Path = CONFI
     """
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+# Keys the code reads that the reference YAML leaves out: the architecture (a
+# checkpoint's own overrides them) and a few builder settings.
+_EXTRA_KEYS = frozenset(
+    {f"model.{name}" for name in GPTArchitecture.__dataclass_fields__}
+    | {"model.init_method_std", "model.sequence_parallel", "model.transformer_engine", "model.optim.sched.max_steps"}
+)
+
+
+def _key_paths(node, prefix: str = "") -> dict[str, object]:
+    """``dotted.key -> value`` for every key of a (nested) config, without resolving interpolations."""
+    paths = {}
+    for key in node.keys() if isinstance(node, DictConfig) else ():
+        path = f"{prefix}{key}"
+        value = node._get_node(key)
+        paths[path] = value
+        if isinstance(value, DictConfig) and not value._is_none():
+            paths.update(_key_paths(value, path + "."))
+    return paths
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse, before any work, unknown keys and the ``model.dpo`` / ``model.optim`` values that cannot work."""
+    check_config_keys(cfg)
+    DPOSettings.from_config(cfg.model.get("dpo"))
+    optim = check_optimizer_config(cfg.model.optim)
+    check_schedule_config(cfg.model.optim.get("sched"), optim["lr"])
+
+
+def check_config_keys(cfg: DictConfig, reference: DictConfig | None = None) -> None:
+    """Refuse keys that nothing reads, naming them (a YAML file's keys like command-line ones).
+
+    ``reference`` is the config whose keys are known (default: ``conf/gpt_dpo.yaml``).
+    Below a key whose reference value is a plain value or null, any content is
+    the value's own business and is not checked.
+    """
+    if reference is None:
+        reference = OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")
+    known = _key_paths(reference)
+    unknown = []
+    for path in _key_paths(cfg):
+        parent = path.rpartition(".")[0]
+        opaque_parent = parent and (parent not in known or not isinstance(known[parent], DictConfig))
+        if path not in known and path not in _EXTRA_KEYS and not opaque_parent and path.split(".")[0] != "hydra":
+            unknown.append(path)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}: nemo-dpo does not act on them "
+            f"(the known keys are those of {CONFIG_DIR.name}/{CONFIG_NAME}.yaml)"
+        )

@@ -9,14 +9,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.algorithms.dpo import compute_max_steps
 from nemo_dpo.checkpoint.training_checkpoint import load_training_checkpoint, read_trainer_state
+from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.parallel.collectives import is_rank0
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
+from nemo_dpo.training.config import validate_config
 from nemo_dpo.training.data import build_dataset, build_train_dataloader, build_val_dataloader, check_data_impl
 from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
 from nemo_dpo.training.model import load_pretrained_model
 from nemo_dpo.training.trainer import build_trainer
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> Path:
@@ -26,7 +30,8 @@ def train(cfg: DictConfig) -> Path:
     already started) and tears them down at the end. Metrics land in
     ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
     """
-    check_data_impl(cfg.model.data)  # refused before any work starts
+    validate_config(cfg)  # refused before any work starts
+    check_data_impl(cfg.model.data)
     # megatron-core reports its DDP buckets parameter by parameter at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     model_cfg = cfg.model
@@ -43,6 +48,11 @@ def train(cfg: DictConfig) -> Path:
     # After the process group is up: rank 0 picks the checkpoint for every rank.
     resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
     model, tokenizer, tokenizer_dir = load_pretrained_model(cfg)
+    warning = GPTArchitecture.from_config(model_cfg).check_sequence_length(
+        model_cfg.data.seq_length or model_cfg.encoder_seq_length
+    )
+    if warning and is_rank0():
+        log.warning(warning)
 
     trainer_state = read_trainer_state(resume_from) if resume_from else {"consumed_samples": 0}
     train_ds = build_dataset(model_cfg, tokenizer, "train")

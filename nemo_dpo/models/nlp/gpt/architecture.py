@@ -142,6 +142,24 @@ class GPTArchitecture:
         """Positions the model can embed: ``max_position_embeddings``, else ``encoder_seq_length``."""
         return self.max_position_embeddings or self.encoder_seq_length
 
+    def check_sequence_length(self, seq_length: int) -> str | None:
+        """Refuse ``seq_length`` beyond learned position embeddings; a warning text beyond RoPE's trained length.
+
+        Learned positions have one embedding row per position, so a longer
+        sequence cannot run at all. RoPE runs at any length but was trained up to
+        ``max_position_embeddings`` (or ``encoder_seq_length``); beyond it quality is unknown.
+        """
+        limit = self.max_sequence_length
+        if limit is None or seq_length <= limit:
+            return None
+        if self.position_embedding_type == "learned_absolute":
+            raise ValueError(
+                f"model.data.seq_length={seq_length} exceeds the {limit} positions this model's learned "
+                "position embeddings hold"
+            )
+        return (f"model.data.seq_length={seq_length} is beyond the {limit} positions this RoPE model was "
+                "trained for: it runs, but quality past that length is unknown")
+
     def padded_vocab_size(self, tensor_parallel_size: int, vocab_size: int | None = None) -> int:
         """Embedding rows to build: the vocabulary rounded up so each TP shard is a multiple of
         ``make_vocab_size_divisible_by`` (default 128)."""

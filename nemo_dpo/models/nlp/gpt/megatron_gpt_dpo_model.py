@@ -12,6 +12,7 @@ one code path and are bitwise equal at step 0.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,6 +63,17 @@ class DPOSettings:
     def __post_init__(self):
         # Fails at start-up, listing the valid names, for an unknown loss.
         get_preference_loss(self.preference_loss)
+        # A negative beta inverts the objective; NaN or inf poisons every step.
+        if not (math.isfinite(self.ref_policy_kl_penalty) and self.ref_policy_kl_penalty > 0):
+            raise ValueError(f"model.dpo.ref_policy_kl_penalty={self.ref_policy_kl_penalty} must be a finite number > 0")
+        for key in ("gt_reward_scale", "preference_loss_weight", "sft_loss_weight"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or (key != "gt_reward_scale" and value < 0):
+                raise ValueError(f"model.dpo.{key}={value} must be a finite number" + (
+                    "" if key == "gt_reward_scale" else " >= 0"))
+        size = self.log_prob_forward_micro_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError(f"model.dpo.log_prob_forward_micro_batch_size={size!r} must be a positive integer")
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
         if self.sft_average_log_probs is None:
