@@ -70,7 +70,7 @@ def _decode(line: bytes, where: str, offset: int) -> str:
         return line.decode("utf-8")
     except UnicodeDecodeError as err:
         raise PreferenceDataError(
-            f"{where}: invalid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start} of the line, "
+            f"{where}: invalid UTF-8 (byte 0x{line[err.start]:02x} at offset {err.start} of the line, "
             f"{offset + err.start} of the file)"
         ) from None
 
