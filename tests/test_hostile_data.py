@@ -116,7 +116,7 @@ def test_line_bound_counts_characters_not_bytes(tmp_path):
 
 def test_huge_line_is_skipped_and_reported(tmp_path, default_tokenizer, caplog):
     path = tmp_path / "huge.jsonl"
-    path.write_bytes(GOOD + b"\n" + pair(chosen_response="4" * 20_000_000) + b"\n" + pair(rejected_response="6") + b"\n")
+    path.write_bytes(b"\n".join([GOOD, pair(chosen_response="4" * 20_000_000), pair(rejected_response="6")]) + b"\n")
     with caplog.at_level(logging.WARNING):
         ds = make_dataset(default_tokenizer, path, seq_length=64)
     assert (len(ds), ds.num_too_long, ds.max_record_chars) == (2, 1, 64 * 64)
@@ -174,7 +174,7 @@ def test_truncation_that_makes_a_pair_identical_drops_it(bpe_tokenizer):
 
 def test_unknown_characters_counted_once_with_first_line(tmp_path, default_tokenizer, caplog):
     path = tmp_path / "unk.jsonl"
-    path.write_bytes(GOOD + b"\n" + pair(chosen_response="h\u00e9\u2603") + b"\n" + pair(rejected_response="\u00fc") + b"\n")
+    path.write_bytes(b"\n".join([GOOD, pair(chosen_response="h\u00e9\u2603"), pair(rejected_response="\u00fc")]) + b"\n")
     with caplog.at_level(logging.WARNING):
         ds = make_dataset(default_tokenizer, path)
     assert (len(ds), ds.num_unknown) == (3, 3)

@@ -101,15 +101,10 @@ class DPOModelDataset(Dataset):
                 f"cfg.data.over_length_policy must be one of {OVER_LENGTH_POLICIES}, "
                 f"got {self.over_length_policy!r}"
             )
-        self.max_record_chars = data_cfg.get("max_record_chars")
-        if self.max_record_chars is None:
-            self.max_record_chars = CHARS_PER_TOKEN * seq_length
-        elif isinstance(self.max_record_chars, bool) or not isinstance(self.max_record_chars, int) or (
-            self.max_record_chars < 1
-        ):
-            raise ValueError(
-                f"cfg.data.max_record_chars must be a positive integer or null, got {self.max_record_chars!r}"
-            )
+        max_chars = data_cfg.get("max_record_chars")
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+            raise ValueError(f"cfg.data.max_record_chars must be a positive integer or null, got {max_chars!r}")
+        self.max_record_chars = CHARS_PER_TOKEN * seq_length if max_chars is None else max_chars
 
         self.data = load_jsonl(data_prefix, self.max_record_chars) if data is None else data
         documents = np.arange(len(self.data)) if documents is None else np.asarray(documents)
@@ -160,14 +155,17 @@ class DPOModelDataset(Dataset):
         self.indices: list[int] = []  # record index of each usable pair: the dataset's index mapping
         self._pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # int32 saves memory
         self.num_dropped = self.num_truncated = self.num_identical = 0
-        too_long = [self._where_line(line) for line in getattr(self.data, "too_long_lines", [])]
+        # Lines the reader skipped unparsed, then in-memory records over the same bound.
+        skipped_lines = getattr(self.data, "too_long_lines", [])
+        first_too_long = f"{self.data.path}:{skipped_lines[0]}" if skipped_lines else None
+        self.num_too_long = len(skipped_lines)
         fitting = []
         for i in map(int, documents):
             if record_chars(self.data[i]) > self.max_record_chars:
-                too_long.append(self._where(i))
+                self.num_too_long += 1
+                first_too_long = first_too_long or self._where(i)
             else:
                 fitting.append(i)
-        self.num_too_long = len(too_long)
         self._unk_id, self.num_unknown, self._first_unknown = _unk_id(self.tokenizer), 0, None
         for start in range(0, len(fitting), TOKENIZE_BATCH):
             batch = fitting[start : start + TOKENIZE_BATCH]
@@ -178,10 +176,7 @@ class DPOModelDataset(Dataset):
             columns = (self.tokenizer.batch_text_to_ids(column) for column in zip(*texts))
             for i, prompt, chosen, rejected in zip(batch, *columns):
                 self._add_pair(i, prompt, chosen, rejected)
-        self._report(len(documents) + len(getattr(self.data, "too_long_lines", [])), next(iter(too_long), None))
-
-    def _where_line(self, line_number: int) -> str:
-        return f"{self.data.path}:{line_number}"
+        self._report(len(documents) + len(skipped_lines), first_too_long)
 
     def _add_pair(self, i: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> None:
         for key, ids in (("chosen_response", chosen), ("rejected_response", rejected)):
