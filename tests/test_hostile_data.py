@@ -14,6 +14,7 @@ from nemo_dpo.data.jsonl import load_jsonl
 from nemo_dpo.data.preference_dataset import DPOModelDataset
 from nemo_dpo.data.records import PreferenceDataError
 from nemo_dpo.data.tokenizer import load_tokenizer
+from nemo_dpo.training import build_dataset, compose_config
 
 ASSETS = Path(nemo_dpo.__file__).resolve().parent / "assets"
 DEFAULT_TOKENIZER = ASSETS / "default_model" / "tokenizer"
@@ -174,7 +175,8 @@ def test_truncation_that_makes_a_pair_identical_drops_it(bpe_tokenizer):
 
 def test_unknown_characters_counted_once_with_first_line(tmp_path, default_tokenizer, caplog):
     path = tmp_path / "unk.jsonl"
-    path.write_bytes(b"\n".join([GOOD, pair(chosen_response="h\u00e9\u2603"), pair(rejected_response="\u00fc")]) + b"\n")
+    lines = [GOOD, pair(chosen_response="h\u00e9\u2603"), pair(rejected_response="\u00fc")]
+    path.write_bytes(b"\n".join(lines) + b"\n")
     with caplog.at_level(logging.WARNING):
         ds = make_dataset(default_tokenizer, path)
     assert (len(ds), ds.num_unknown) == (3, 3)
@@ -229,3 +231,14 @@ def test_memory_grows_with_kept_data_not_the_longest_line(tmp_path):
     assert with_line["peak"] <= 1.3 * without["peak"]
     # RSS counts the tokenizer's own (Rust) memory too; a parsed 20 MB line alone would add 20 MB.
     assert with_line["rss_kib"] <= 1.3 * without["rss_kib"] + 4096
+
+
+def test_yaml_key_reaches_the_dataset(tmp_path, default_tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([GOOD, pair(chosen_response="4" * 200)]) + b"\n")
+    overrides = [f"model.data.data_prefix.train={path}", "model.data.seq_length=64"]
+    default = build_dataset(compose_config(overrides).model, default_tokenizer, "train")
+    assert (default.max_record_chars, default.num_too_long, default.num_dropped) == (4096, 0, 1)
+    bounded = build_dataset(compose_config(overrides + ["model.data.max_record_chars=100"]).model,
+                            default_tokenizer, "train")
+    assert (len(bounded), bounded.num_too_long, bounded.data.too_long_lines) == (1, 1, [2])
