@@ -151,12 +151,12 @@ def test_in_memory_records_are_validated(tokenizer):
 
 def over_length_records(tokenizer):
     """Prompt of 4 tokens; responses of 1, 4 and 12 tokens; then a 12-token prompt."""
-    short, long_ = "hello", " hello" * 12
+    short, other, long_ = "hello", "a", " hello" * 12  # "a": one token, so no pair is chosen == rejected
     records = [
-        {"prompt": " hello" * 4, "chosen_response": short, "rejected_response": short},
+        {"prompt": " hello" * 4, "chosen_response": short, "rejected_response": other},
         {"prompt": " hello" * 4, "chosen_response": " hello" * 4, "rejected_response": short},
         {"prompt": " hello" * 4, "chosen_response": short, "rejected_response": long_},
-        {"prompt": long_, "chosen_response": short, "rejected_response": short},
+        {"prompt": long_, "chosen_response": short, "rejected_response": other},
     ]
     assert [len(tokenizer.text_to_ids(r["prompt"] + r["rejected_response"])) for r in records] == [5, 5, 16, 13]
     return records

@@ -1,7 +1,9 @@
 """Preference data: tokenizer, JSONL dataset, DPO collate and Megatron-style samplers."""
 
 from nemo_dpo.data.collate import document_position_ids, dpo_custom_collate
-from nemo_dpo.data.preference_dataset import DPOModelDataset, PreferenceDataError, load_jsonl
+from nemo_dpo.data.jsonl import JsonlRecords, load_jsonl
+from nemo_dpo.data.preference_dataset import DPOModelDataset
+from nemo_dpo.data.records import MESSAGE_ROLES, PreferenceDataError, validate_record
 from nemo_dpo.data.samplers import (
     PAD_INDEX,
     MegatronPretrainingBatchSampler,
@@ -14,6 +16,8 @@ from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer
 __all__ = [
     "DPOModelDataset",
     "HFTokenizer",
+    "JsonlRecords",
+    "MESSAGE_ROLES",
     "MegatronPretrainingBatchSampler",
     "MegatronPretrainingRandomBatchSampler",
     "PAD_INDEX",
@@ -24,4 +28,5 @@ __all__ = [
     "identity_collate",
     "load_jsonl",
     "load_tokenizer",
+    "validate_record",
 ]

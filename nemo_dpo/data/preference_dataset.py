@@ -8,15 +8,16 @@ template) or a list of OpenAI-style messages rendered with the tokenizer's chat 
 
 from __future__ import annotations
 
-import json
 import logging
-from numbers import Real
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from nemo_dpo.data.jsonl import JsonlRecords, load_jsonl
+from nemo_dpo.data.records import PreferenceDataError, record_chars, validate_record
 
 __all__ = [
     "DPOModelDataset",
@@ -29,88 +30,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_KEYS = ("prompt", "chosen_response", "rejected_response")
 OVER_LENGTH_POLICIES = ("drop", "truncate_response")
-
-
-class PreferenceDataError(ValueError):
-    """A preference record that cannot be used; the message names its file and line."""
-
-
-class JsonlRecords(list):
-    """Records of one JSONL file that remember where each came from, for error messages."""
-
-    def __init__(self, records: list[dict], path: str | Path, line_numbers: list[int]):
-        super().__init__(records)
-        self.path = str(path)
-        self.line_numbers = line_numbers
-
-    def where(self, index: int) -> str:
-        return f"{self.path}:{self.line_numbers[index]}"
-
-
-def _check_response(response: Any, key: str, chat: bool, where: str) -> None:
-    content = response.get("content") if chat and isinstance(response, dict) else response
-    if not isinstance(content, str):
-        kinds = "a string or an assistant message dict" if chat else "a string"
-        raise PreferenceDataError(f"{where}: {key!r} must be {kinds}, got {type(response).__name__}")
-    if not content.strip():
-        raise PreferenceDataError(f"{where}: {key!r} is empty")
-
-
-def validate_record(record: Any, where: str) -> None:
-    """Raise :class:`PreferenceDataError` (prefixed with ``where``) unless ``record`` is a usable pair."""
-    if not isinstance(record, dict):
-        raise PreferenceDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in record]
-    if missing:
-        raise PreferenceDataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
-    prompt = record["prompt"]
-    chat = isinstance(prompt, list)
-    if chat:
-        if not prompt or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt
-        ):
-            raise PreferenceDataError(
-                f"{where}: a list 'prompt' must be non-empty OpenAI-style messages "
-                '[{"role": ..., "content": ...}, ...]'
-            )
-    elif not isinstance(prompt, str):
-        raise PreferenceDataError(f"{where}: 'prompt' must be a string or a list of messages")
-    for key in ("chosen_response", "rejected_response"):
-        _check_response(record[key], key, chat, where)
-    for key in ("chosen_reward", "rejected_reward"):
-        value = record.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-            raise PreferenceDataError(f"{where}: {key!r} must be a number, got {value!r}")
-
-
-def load_jsonl(path: str | Path) -> JsonlRecords:
-    """Read and validate a preference JSONL file; blank lines are skipped.
-
-    Errors name the file and the 1-based line: malformed JSON, missing keys, empty responses.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data file not found: {path}")
-    records, line_numbers = [], []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PreferenceDataError(
-                    f"{path}:{line_number}: malformed JSON ({err.msg}, column {err.colno})"
-                ) from None
-            validate_record(record, f"{path}:{line_number}")
-            records.append(record)
-            line_numbers.append(line_number)
-    if not records:
-        raise PreferenceDataError(f"{path}: no records")
-    return JsonlRecords(records, path, line_numbers)
+# Default cfg.data.max_record_chars per token of seq_length. Text averages about 4
+# characters per BPE token and real vocabularies' longest tokens are a few dozen
+# characters; a JSON line also carries escapes (6 characters for one \uXXXX) and both
+# responses. A line longer than this cannot fit seq_length tokens unless its tokens
+# average over 64 characters (say, a vocabulary with very long whitespace runs): raise
+# max_record_chars for such a tokenizer.
+CHARS_PER_TOKEN = 64
+# Records formatted and tokenised together: the Rust tokenizer parallelises a batch,
+# and memory stays bounded by the batch, not the file.
+TOKENIZE_BATCH = 1024
 
 
 class DPOModelDataset(Dataset):
@@ -130,7 +60,11 @@ class DPOModelDataset(Dataset):
     ``over_length_policy``: pairs longer than ``seq_length`` are dropped (``drop``, the
     default) or, with ``truncate_response``, have their responses cut to fit when at least
     one response token remains (else dropped). ``num_dropped`` and ``num_truncated``
-    count them; ``indices`` maps each dataset index to its record index.
+    count them. Pairs whose chosen and rejected ids are equal (before or after that
+    truncation) carry no preference and are dropped (``num_identical``). ``max_record_chars``
+    (None: 64 characters per token of ``seq_length``) bounds a record's length: longer
+    file lines are skipped unparsed, longer records untokenised (``num_too_long``).
+    ``indices`` maps each dataset index to its record index.
     """
 
     def __init__(
@@ -167,8 +101,12 @@ class DPOModelDataset(Dataset):
                 f"cfg.data.over_length_policy must be one of {OVER_LENGTH_POLICIES}, "
                 f"got {self.over_length_policy!r}"
             )
+        max_chars = data_cfg.get("max_record_chars")
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+            raise ValueError(f"cfg.data.max_record_chars must be a positive integer or null, got {max_chars!r}")
+        self.max_record_chars = CHARS_PER_TOKEN * seq_length if max_chars is None else max_chars
 
-        self.data = load_jsonl(data_prefix) if data is None else data
+        self.data = load_jsonl(data_prefix, self.max_record_chars) if data is None else data
         documents = np.arange(len(self.data)) if documents is None else np.asarray(documents)
         if not len(documents):
             raise PreferenceDataError(f"{name}: no records")
@@ -214,47 +152,88 @@ class DPOModelDataset(Dataset):
             raise PreferenceDataError(f"{where}: cannot render the chat template: {err}") from err
 
     def _tokenize(self, documents: np.ndarray) -> None:
-        # Prompt and responses are tokenised separately and concatenated: tokenising the
-        # joined text lets BPE merge across the boundary and move the prompt/response
-        # split, which would put loss on prompt text or hide response text from it.
-        texts = [self._format(int(i)) for i in documents]
-        prompts, chosens, rejecteds = (self.tokenizer.batch_text_to_ids(column) for column in zip(*texts))
-        eod = [self.eos_id] if self.append_eod else []
         self.indices: list[int] = []  # record index of each usable pair: the dataset's index mapping
         self._pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # int32 saves memory
-        self.num_dropped = self.num_truncated = 0
-        for i, prompt, chosen, rejected in zip(documents, prompts, chosens, rejecteds):
-            for key, ids in (("chosen_response", chosen), ("rejected_response", rejected)):
-                if not ids:
-                    raise PreferenceDataError(f"{self._where(int(i))}: {key!r} tokenizes to no tokens")
-            chosen, rejected = chosen + eod, rejected + eod
-            if len(prompt) + max(len(chosen), len(rejected)) > self.seq_length:
-                room = self.seq_length - len(prompt)
-                # Truncation must leave at least one response token, or the pair carries no signal.
-                if self.over_length_policy == "truncate_response" and room >= 1:
-                    chosen, rejected = chosen[:room], rejected[:room]
-                    self.num_truncated += 1
-                else:
-                    self.num_dropped += 1
-                    continue
-            self.indices.append(int(i))
-            self._pairs.append(tuple(np.asarray(ids, dtype=np.int32) for ids in (prompt, chosen, rejected)))
+        self.num_dropped = self.num_truncated = self.num_identical = 0
+        # Lines the reader skipped unparsed, then in-memory records over the same bound.
+        skipped_lines = getattr(self.data, "too_long_lines", [])
+        first_too_long = f"{self.data.path}:{skipped_lines[0]}" if skipped_lines else None
+        self.num_too_long = len(skipped_lines)
+        fitting = []
+        for i in map(int, documents):
+            if record_chars(self.data[i]) > self.max_record_chars:
+                self.num_too_long += 1
+                first_too_long = first_too_long or self._where(i)
+            else:
+                fitting.append(i)
+        self._unk_id, self.num_unknown, self._first_unknown = _unk_id(self.tokenizer), 0, None
+        for start in range(0, len(fitting), TOKENIZE_BATCH):
+            batch = fitting[start : start + TOKENIZE_BATCH]
+            # Prompt and responses are tokenised separately and concatenated: tokenising the
+            # joined text lets BPE merge across the boundary and move the prompt/response
+            # split, which would put loss on prompt text or hide response text from it.
+            texts = [self._format(i) for i in batch]
+            columns = (self.tokenizer.batch_text_to_ids(column) for column in zip(*texts))
+            for i, prompt, chosen, rejected in zip(batch, *columns):
+                self._add_pair(i, prompt, chosen, rejected)
+        self._report(len(documents) + len(skipped_lines), first_too_long)
+
+    def _add_pair(self, i: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> None:
+        for key, ids in (("chosen_response", chosen), ("rejected_response", rejected)):
+            if not ids:
+                raise PreferenceDataError(f"{self._where(i)}: {key!r} tokenizes to no tokens")
+        if self._unk_id is not None:
+            unknown = prompt.count(self._unk_id) + chosen.count(self._unk_id) + rejected.count(self._unk_id)
+            if unknown and self._first_unknown is None:
+                self._first_unknown = self._where(i)
+            self.num_unknown += unknown
+        eod = [self.eos_id] if self.append_eod else []
+        chosen, rejected = chosen + eod, rejected + eod
+        if chosen == rejected:
+            self.num_identical += 1
+            return
+        if len(prompt) + max(len(chosen), len(rejected)) > self.seq_length:
+            room = self.seq_length - len(prompt)
+            # Truncation must leave at least one response token, or the pair carries no signal.
+            if self.over_length_policy != "truncate_response" or room < 1:
+                self.num_dropped += 1
+                return
+            chosen, rejected = chosen[:room], rejected[:room]
+            if chosen == rejected:  # the responses differed only past the cut
+                self.num_identical += 1
+                return
+            self.num_truncated += 1
+        self.indices.append(i)
+        self._pairs.append(tuple(np.asarray(ids, dtype=np.int32) for ids in (prompt, chosen, rejected)))
+
+    def _report(self, num_records: int, first_too_long: str | None) -> None:
+        """One warning line for every pair not used as given, and one for unknown characters."""
+        parts = []
         if self.num_dropped or self.num_truncated:
+            parts.append(
+                f"{self.num_dropped + self.num_truncated} exceed seq_length={self.seq_length}: "
+                f"{self.num_dropped} dropped, {self.num_truncated} truncated "
+                f"(cfg.data.over_length_policy={self.over_length_policy})"
+            )
+        if self.num_identical:
+            parts.append(f"{self.num_identical} dropped for identical chosen and rejected tokens")
+        if self.num_too_long:
+            parts.append(
+                f"{self.num_too_long} skipped for exceeding cfg.data.max_record_chars={self.max_record_chars} "
+                f"(first at {first_too_long})"
+            )
+        if parts:
+            logger.warning("%s: of %d preference pairs, %s", self.name, num_records, "; ".join(parts))
+        if self.num_unknown:
             logger.warning(
-                "%s: %d of %d preference pairs exceed seq_length=%d: %d dropped, %d truncated "
-                "(cfg.data.over_length_policy=%s)",
+                "%s: %d token(s) of text the tokenizer cannot represent became its unknown token (first at %s)",
                 self.name,
-                self.num_dropped + self.num_truncated,
-                len(documents),
-                self.seq_length,
-                self.num_dropped,
-                self.num_truncated,
-                self.over_length_policy,
+                self.num_unknown,
+                self._first_unknown,
             )
         if not self._pairs:
-            raise PreferenceDataError(
-                f"{self.name}: no usable preference pairs (all exceed seq_length={self.seq_length})"
-            )
+            reasons = "; ".join(parts) or "none given"
+            raise PreferenceDataError(f"{self.name}: no usable preference pairs of {num_records}: {reasons}")
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -292,3 +271,14 @@ class DPOModelDataset(Dataset):
             "chosen_reward": self.default_chosen_reward if chosen_reward is None else float(chosen_reward),
             "rejected_reward": self.default_rejected_reward if rejected_reward is None else float(rejected_reward),
         }
+
+
+def _unk_id(tokenizer) -> int | None:
+    """The tokenizer's unknown-token id; None when it has none (byte-level BPE needs none)."""
+    unk_id = getattr(tokenizer, "unk_id", None)
+    if unk_id is not None:
+        return unk_id
+    # HFTokenizer keeps the unknown token on its tokenizers model (WordLevel, WordPiece, BPE).
+    backend = getattr(tokenizer, "tokenizer", None)
+    unk_token = getattr(getattr(backend, "model", None), "unk_token", None)
+    return None if unk_token is None else backend.token_to_id(unk_token)
