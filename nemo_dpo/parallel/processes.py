@@ -1,0 +1,118 @@
+"""Nothing of a run outlives it: child processes die with it, its staging folders are swept later.
+
+A ``kill -9`` of a training process skips every ``atexit`` handler and
+``finally`` block, so cleanup cannot rely on the process that dies:
+
+* Children ask the kernel for a parent-death signal (Linux
+  ``prctl(PR_SET_PDEATHSIG, SIGKILL)``): :func:`end_children_with_process`
+  sets it in every process forked from the main thread, which covers
+  megatron-core's checkpoint writers and the results-queue server below.
+* megatron-core's checkpoint writer (``dist_checkpointing/strategies/
+  filesystem_async.py``, checked against 0.16.1) lazily starts a *spawned*
+  ``multiprocessing`` manager (a fresh interpreter re-importing the training
+  script, about 380 MB, plus a resource tracker) whose queue carries the
+  writers' results back. Nothing ends that server when the trainer is killed.
+  :func:`end_children_with_process` installs the queue megatron looks for,
+  served by a *forked* manager instead: it shares the trainer's memory pages,
+  starts in milliseconds, needs no resource tracker and dies with its parent.
+* Staging folders carry their creator's pid in their name; a later start
+  removes those whose creator is gone (:func:`sweep_dead_staging`).
+
+Where the parent-death signal does not exist (not Linux) children are not
+tied to the run; everything else works the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+from multiprocessing.managers import SyncManager
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+_manager: SyncManager | None = None
+# Written by the fork hook in the parent just before each fork; the child reads its copy.
+_fork_parent = {"pid": 0, "main_thread": False}
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel SIGKILL this process when its parent ends (Linux); False where unsupported.
+
+    ``parent_pid`` is the parent this process was started by: if it has already
+    ended, no signal would ever come, so the process ends at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    return True
+
+
+def _before_fork() -> None:
+    _fork_parent["pid"] = os.getpid()
+    _fork_parent["main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    # The signal follows the thread that forked, not its process: a child
+    # forked from a short-lived thread would die with that thread.
+    if _fork_parent["main_thread"]:
+        die_with_parent(_fork_parent["pid"])
+
+
+def end_children_with_process() -> None:
+    """Tie this process's forked children, megatron's checkpoint writers included, to its life.
+
+    Call once at start-up, from the main thread (``initialize_parallel`` does);
+    later calls do nothing.
+    """
+    global _manager
+    if _manager is not None:
+        return
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+    _manager.start()
+    # megatron creates its own server only while this global is unset.
+    filesystem_async._results_queue = _manager.Queue()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_staging(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove ``<prefix><pid><suffix>...`` entries of ``folder`` whose process ``pid`` has ended.
+
+    Folders of live processes (and names without a pid) are kept. Returns what was removed.
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
