@@ -172,3 +172,22 @@ def test_the_test_pool_closes_with_everything_it_started():
         pool.close()
     assert len(pids) > 1  # the worker and the checkpoint results server at least
     assert not survivors_after(pids, 5)
+
+
+def test_without_a_parent_death_signal_nothing_changes(monkeypatch):
+    from nemo_dpo.parallel import processes
+
+    monkeypatch.setattr(processes.sys, "platform", "darwin")
+    monkeypatch.setattr(processes, "_manager", None)
+    monkeypatch.setattr(processes.os, "register_at_fork", None)  # as on Windows: calling it would fail
+    assert processes.die_with_parent(os.getppid()) is False
+    processes.end_children_with_process()
+    assert processes._manager is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_whose_parent_already_ended_ends_at_once():
+    # Told its parent was another process: that parent is "gone", so no signal would ever come.
+    code = "from nemo_dpo.parallel.processes import die_with_parent; die_with_parent(1); print('survived')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "survived" not in result.stdout

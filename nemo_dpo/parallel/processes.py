@@ -18,8 +18,8 @@ A ``kill -9`` of a training process skips every ``atexit`` handler and
 * Staging folders carry their creator's pid in their name; a later start
   removes those whose creator is gone (:func:`sweep_dead_staging`).
 
-Where the parent-death signal does not exist (not Linux) children are not
-tied to the run; everything else works the same.
+Where the parent-death signal does not exist (not Linux) nothing here changes
+how processes start; staging folders are still swept.
 """
 
 from __future__ import annotations
@@ -42,13 +42,17 @@ _manager: SyncManager | None = None
 _fork_parent = {"pid": 0, "main_thread": False}
 
 
+def _has_parent_death_signal() -> bool:
+    return sys.platform.startswith("linux")
+
+
 def die_with_parent(parent_pid: int) -> bool:
     """Have the kernel SIGKILL this process when its parent ends (Linux); False where unsupported.
 
     ``parent_pid`` is the parent this process was started by: if it has already
     ended, no signal would ever come, so the process ends at once.
     """
-    if not sys.platform.startswith("linux"):
+    if not _has_parent_death_signal():
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -74,10 +78,11 @@ def end_children_with_process() -> None:
     """Tie this process's forked children, megatron's checkpoint writers included, to its life.
 
     Call once at start-up, from the main thread (``initialize_parallel`` does);
-    later calls do nothing.
+    later calls do nothing, and so does every call where the parent-death signal
+    does not exist (megatron then starts its own server, as without this module).
     """
     global _manager
-    if _manager is not None:
+    if _manager is not None or not _has_parent_death_signal():
         return
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     from megatron.core.dist_checkpointing.strategies import filesystem_async
