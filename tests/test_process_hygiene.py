@@ -27,9 +27,12 @@ RUN = ["trainer.dpo.max_steps=40", "trainer.dpo.save_interval=1", "trainer.dpo.v
        f"model.tokenizer.path={DEFAULT_MODEL_DIR / TOKENIZER_DIR}"]
 
 
-def start_example(log_dir: Path, temp_dir: Path, *overrides: str) -> subprocess.Popen:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def start_example(log_dir: Path, temp_dir: Path, *overrides: str, launcher=(sys.executable,)) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(temp_dir)}
-    cmd = [sys.executable, str(REPO / "examples" / "train_gpt_dpo.py"), f"exp_manager.explicit_log_dir={log_dir}",
+    cmd = [*launcher, str(REPO / "examples" / "train_gpt_dpo.py"), f"exp_manager.explicit_log_dir={log_dir}",
            *RUN, *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -67,10 +70,11 @@ def staged_tokenizers(temp_dir: Path) -> list[str]:
     return sorted(p.name for p in temp_dir.glob("nemo_dpo_tokenizer_*"))
 
 
-def test_sigkill_leaves_no_process_and_the_next_start_sweeps(tmp_path):
+@pytest.mark.parametrize("launcher", [(sys.executable,), TORCHRUN], ids=["python", "torchrun"])
+def test_sigkill_leaves_no_process_and_the_next_start_sweeps(tmp_path, launcher):
     temp_dir = tmp_path / "tmp"
     temp_dir.mkdir()
-    run = start_example(tmp_path / "killed", temp_dir)
+    run = start_example(tmp_path / "killed", temp_dir, launcher=launcher)
     try:
         deadline = time.monotonic() + 600
         while find_resume_checkpoint(tmp_path / "killed" / "checkpoints") is None:
@@ -89,8 +93,9 @@ def test_sigkill_leaves_no_process_and_the_next_start_sweeps(tmp_path):
         if process.pid in survivors:
             process.kill()
     assert not survivors
-    left = staged_tokenizers(temp_dir)
-    assert left and all(name.startswith(f"nemo_dpo_tokenizer_{run.pid}_") for name in left)
+    left = staged_tokenizers(temp_dir)  # by the killed process (python) or its ranks (torchrun)
+    killed = {run.pid, *(p.pid for p in descendants)}
+    assert left and all(int(name.split("_")[3]) in killed for name in left)
 
     finished = start_example(tmp_path / "next", temp_dir, "trainer.dpo.max_steps=1",
                              "exp_manager.create_checkpoint_callback=False")

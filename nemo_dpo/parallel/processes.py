@@ -6,7 +6,8 @@ A ``kill -9`` of a training process skips every ``atexit`` handler and
 * Children ask the kernel for a parent-death signal (Linux
   ``prctl(PR_SET_PDEATHSIG, SIGKILL)``): :func:`end_children_with_process`
   sets it in every process forked from the main thread, which covers
-  megatron-core's checkpoint writers and the results-queue server below.
+  megatron-core's checkpoint writers and the results-queue server below, and
+  in ranks started by ``torchrun``, which end with its agent.
 * megatron-core's checkpoint writer (``dist_checkpointing/strategies/
   filesystem_async.py``, checked against 0.16.1) lazily starts a *spawned*
   ``multiprocessing`` manager (a fresh interpreter re-importing the training
@@ -85,6 +86,11 @@ def end_children_with_process() -> None:
     if _manager is not None or not _has_parent_death_signal():
         return
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun's agent starts ranks with Popen (no fork hook) from its main
+        # thread; once the agent is killed they would train on, unsupervised.
+        # An agent that ended before this point is not noticed.
+        die_with_parent(os.getppid())
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     _manager = SyncManager(ctx=multiprocessing.get_context("fork"))
