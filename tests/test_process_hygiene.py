@@ -17,7 +17,7 @@ import pytest
 from distributed_pool import DistributedPool
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR, TOKENIZER_DIR
 from nemo_dpo.checkpoint.training_checkpoint import find_resume_checkpoint
-from nemo_dpo.data.tokenizer import stage_tokenizer_dir
+from nemo_dpo.data.tokenizer import stage_tokenizer_dir, sweep_stale_tokenizer_dirs
 from nemo_dpo.interop.nemo.archive import extract_nemo_archive
 from test_train_gpt_dpo import REPO
 
@@ -161,22 +161,26 @@ def test_extraction_sweeps_staging_of_ended_processes(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, other_host.name])
 
 
-def pids_below_this_worker() -> list[int]:
-    """Start the run machinery (as every job does) and name the processes it left under this worker."""
+def start_run_machinery() -> tuple[list[int], str]:
+    """Start what every job starts; the processes below this worker, and a tokenizer folder it staged."""
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout(1, 1))
-    return [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))]
+    staged = stage_tokenizer_dir({"tokenizer.json": "{}"})
+    return [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))], str(staged)
 
 
 def test_the_test_pool_closes_with_everything_it_started():
     pool = DistributedPool(1)
     try:
-        pids = pool.run(1, pids_below_this_worker)[0]
+        pids, staged = pool.run(1, start_run_machinery)[0]
     finally:
         pool.close()
     assert len(pids) > 1  # the worker and the checkpoint results server at least
     assert not survivors_after(pids, 5)
+    assert Path(staged).is_dir()  # killed workers run no atexit: conftest sweeps after closing
+    sweep_stale_tokenizer_dirs()
+    assert not Path(staged).exists()
 
 
 def test_without_a_parent_death_signal_nothing_changes(monkeypatch):

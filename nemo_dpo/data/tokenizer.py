@@ -25,7 +25,10 @@ from tokenizers import Tokenizer
 from nemo_dpo.data.sentencepiece_backend import SentencePieceBackend
 from nemo_dpo.parallel.processes import sweep_dead_staging
 
-__all__ = ["HFTokenizer", "TOKENIZER_FILES", "load_tokenizer", "stage_tokenizer_dir", "tokenizer_files_in"]
+__all__ = [
+    "HFTokenizer", "TOKENIZER_FILES", "load_tokenizer", "stage_tokenizer_dir", "sweep_stale_tokenizer_dirs",
+    "tokenizer_files_in",
+]
 
 # Files that travel with the tokenizer: how to tokenize, and how to generate
 # (generation_config.json holds the stop tokens a server uses).
@@ -197,9 +200,14 @@ def _remove_staged() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def sweep_stale_tokenizer_dirs() -> list[Path]:
+    """Remove the staged tokenizer folders of processes that have ended (killed, so no atexit ran)."""
+    return sweep_dead_staging(Path(tempfile.gettempdir()), _STAGING_PREFIX, "_")
+
+
 def _new_staging_folder() -> Path:
     base = Path(tempfile.gettempdir())
-    sweep_dead_staging(base, _STAGING_PREFIX, "_")
+    sweep_stale_tokenizer_dirs()
     while True:
         folder = base / f"{_STAGING_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
         try:
