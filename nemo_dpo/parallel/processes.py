@@ -36,6 +36,8 @@ import threading
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 
+import psutil  # pid checks that are safe on every platform (os.kill(pid, 0) kills on Windows)
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 _manager: SyncManager | None = None
@@ -99,17 +101,6 @@ def end_children_with_process() -> None:
     filesystem_async._results_queue = _manager.Queue()
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_dead_staging(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
     """Remove ``<prefix><pid><suffix>...`` entries of ``folder`` whose process ``pid`` has ended.
 
@@ -123,7 +114,10 @@ def sweep_dead_staging(folder: Path, prefix: str, suffix: str = "") -> list[Path
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+        pid = int(match.group(1)) if match else None
+        if pid is None or pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)  # another user's folder stays: not ours to remove
+        if not entry.exists():
             removed.append(entry)
     return removed
