@@ -187,11 +187,12 @@ def test_without_a_parent_death_signal_nothing_changes(monkeypatch):
     from nemo_dpo.parallel import processes
 
     monkeypatch.setattr(processes.sys, "platform", "darwin")
+    monkeypatch.setattr(processes, "_installed", False)
     monkeypatch.setattr(processes, "_manager", None)
     monkeypatch.setattr(processes.os, "register_at_fork", None)  # as on Windows: calling it would fail
     assert processes.die_with_parent(os.getppid()) is False
     processes.end_children_with_process()
-    assert processes._manager is None
+    assert processes._manager is None and not processes._installed
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")

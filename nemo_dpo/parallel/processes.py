@@ -40,7 +40,8 @@ import psutil  # pid checks that are safe on every platform (os.kill(pid, 0) kil
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
-_manager: SyncManager | None = None
+_installed = False
+_manager: SyncManager | None = None  # the results-queue server, kept for the life of the process
 # Written by the fork hook in the parent just before each fork; the child reads its copy.
 _fork_parent = {"pid": 0, "main_thread": False}
 
@@ -84,9 +85,10 @@ def end_children_with_process() -> None:
     later calls do nothing, and so does every call where the parent-death signal
     does not exist (megatron then starts its own server, as without this module).
     """
-    global _manager
-    if _manager is not None or not _has_parent_death_signal():
+    global _installed, _manager
+    if _installed or not _has_parent_death_signal():
         return
+    _installed = True
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # torchrun's agent starts ranks with Popen (no fork hook) from its main
@@ -95,6 +97,8 @@ def end_children_with_process() -> None:
         die_with_parent(os.getppid())
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if getattr(filesystem_async, "_results_queue", True) is not None:  # not the megatron-core we know
+        return
     _manager = SyncManager(ctx=multiprocessing.get_context("fork"))
     _manager.start()
     # megatron creates its own server only while this global is unset.
