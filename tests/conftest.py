@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distributed_pool import DistributedPool
+from nemo_dpo.data.tokenizer import sweep_stale_tokenizer_dirs
 
 # megatron-core warns at import about optional CUDA extensions (apex, TE) that
 # the CPU path does not use.
@@ -16,6 +17,8 @@ def dist_pool():
     pool = DistributedPool(4)
     yield pool
     pool.close()
+    # The workers were killed: what they staged is left to the next start unless swept now.
+    sweep_stale_tokenizer_dirs()
 
 
 @pytest.fixture(autouse=True)

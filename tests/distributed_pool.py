@@ -22,10 +22,15 @@ def _worker(rank: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
 
+    from nemo_dpo.parallel.processes import die_with_parent, end_children_with_process
+
     torch.set_num_threads(1)
     # Own process group: close() must also end what megatron's checkpoint writer spawns.
     os.setsid()
     parent = os.getppid()
+    die_with_parent(parent)  # a killed test session takes its workers along (Linux)
+    # As a run does it, before any process group: its children then hold no gloo sockets.
+    end_children_with_process()
     while True:
         try:
             task = tasks.get(timeout=5)

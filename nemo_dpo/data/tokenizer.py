@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import secrets
 import shutil
 import tempfile
 from datetime import datetime
@@ -21,8 +23,12 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer
 
 from nemo_dpo.data.sentencepiece_backend import SentencePieceBackend
+from nemo_dpo.parallel.processes import sweep_dead_staging
 
-__all__ = ["HFTokenizer", "TOKENIZER_FILES", "load_tokenizer", "stage_tokenizer_dir", "tokenizer_files_in"]
+__all__ = [
+    "HFTokenizer", "TOKENIZER_FILES", "load_tokenizer", "stage_tokenizer_dir", "sweep_stale_tokenizer_dirs",
+    "tokenizer_files_in",
+]
 
 # Files that travel with the tokenizer: how to tokenize, and how to generate
 # (generation_config.json holds the stop tokens a server uses).
@@ -184,6 +190,9 @@ def tokenizer_files_in(folder: Path) -> dict[str, Path]:
 
 
 _STAGED: list[str] = []
+# Staging folders are named <prefix><pid>_<random>: a later process can tell
+# those of killed runs (atexit never ran) from those of live ones.
+_STAGING_PREFIX = "nemo_dpo_tokenizer_"
 
 
 def _remove_staged() -> None:
@@ -191,18 +200,36 @@ def _remove_staged() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def sweep_stale_tokenizer_dirs() -> list[Path]:
+    """Remove the staged tokenizer folders of processes that have ended (killed, so no atexit ran)."""
+    return sweep_dead_staging(Path(tempfile.gettempdir()), _STAGING_PREFIX, "_")
+
+
+def _new_staging_folder() -> Path:
+    base = Path(tempfile.gettempdir())
+    sweep_stale_tokenizer_dirs()
+    while True:
+        folder = base / f"{_STAGING_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()  # the user's umask decides the mode (mkdtemp would force 0700)
+        except FileExistsError:
+            continue
+        return folder
+
+
 def stage_tokenizer_dir(files: dict[str, Path | str]) -> Path:
     """A fresh tokenizer folder (removed at exit) holding ``files``: name in folder -> source file or text.
 
-    ``Path`` values are copied; ``str`` values are written as text.
+    ``Path`` values are copied; ``str`` values are written as text. Folders left
+    by processes that have ended (killed runs) are removed first.
     """
     if not _STAGED:
         atexit.register(_remove_staged)
-    folder = Path(tempfile.mkdtemp(prefix="nemo_dpo_tokenizer_"))
+    folder = _new_staging_folder()
     _STAGED.append(str(folder))
     for name, source in files.items():
         if isinstance(source, Path):
-            shutil.copy2(source, folder / name)
+            shutil.copyfile(source, folder / name)  # contents only: modes follow the umask
         else:
             (folder / name).write_text(source, encoding="utf-8")
     return folder

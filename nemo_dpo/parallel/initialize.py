@@ -20,6 +20,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from nemo_dpo.parallel.cpu_compat import enable_cpu_compat
 from nemo_dpo.parallel.device import has_accelerator, select_local_device
+from nemo_dpo.parallel.processes import end_children_with_process
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,13 @@ def init_process_group(timeout_minutes: int = 30) -> None:
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
-    """Start torch.distributed and megatron-core's TP/PP/DP groups, then seed every RNG."""
+    """Start torch.distributed and megatron-core's TP/PP/DP groups, then seed every RNG.
+
+    Child processes started from here on end with this process (see
+    :mod:`nemo_dpo.parallel.processes`).
+    """
+    # First, while few threads run: it forks the checkpoint results server.
+    end_children_with_process()
     enable_cpu_compat()
     init_process_group()
     layout.data_parallel_size(dist.get_world_size())

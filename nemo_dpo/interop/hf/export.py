@@ -47,7 +47,10 @@ class _ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self.current, str(self.folder / f"part-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
+        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(path), metadata={"format": "pt"})
+        # safetensors creates its files 0600; an exported model is shared like any other file.
+        os.chmod(path, 0o666 & ~_current_umask())
         self.files.append(list(self.current))
         self.current, self.current_bytes = {}, 0
 
@@ -67,6 +70,13 @@ class _ShardWriter:
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _special_token_ids(tokenizer_dir: Path | None) -> dict:
     if tokenizer_dir is None:
         return {}
@@ -79,11 +89,11 @@ def _special_token_ids(tokenizer_dir: Path | None) -> dict:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    """Copy the tokenizer (and generation) files of ``source`` into ``destination``."""
+    """Copy the tokenizer (and generation) files of ``source`` into ``destination`` (modes follow the umask)."""
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
+            shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied
 

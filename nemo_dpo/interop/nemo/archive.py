@@ -22,12 +22,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.parallel.collectives import raise_on_every_rank
+from nemo_dpo.parallel.processes import sweep_dead_staging
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
 WEIGHTS_FILE = "model_weights.ckpt"
 _COMPLETE = ".nemo_dpo_extracted"
-
 
 
 def is_nemo_archive(path: str | os.PathLike) -> bool:
@@ -68,10 +68,31 @@ def extract_nemo_archive(path: str | os.PathLike, extract_dir: str | os.PathLike
     return target
 
 
+def _staging_prefix() -> str:
+    # Hidden, and named by host and pid: the extract folder may be shared by nodes.
+    return f".nemo_dpo_unpack.{socket.gethostname()}."
+
+
 def _extract(path: Path, base: Path, target: Path) -> None:
     base.mkdir(parents=True, exist_ok=True)
-    staging = base / f".{target.name}.{socket.gethostname()}.{os.getpid()}"
+    sweep_dead_staging(base, _staging_prefix(), ".")  # left by killed runs on this host
+    staging = base / f"{_staging_prefix()}{os.getpid()}.{target.name}"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _unpack_checked(path, staging)
+    except BaseException:  # refused or failed: nothing of it stays on disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / _COMPLETE).touch()
+    try:
+        os.replace(staging, target)
+    except OSError:  # another node finished first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / _COMPLETE).is_file():
+            raise
+
+
+def _unpack_checked(path: Path, staging: Path) -> None:
     with tarfile.open(path, "r:*") as tar:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(staging, filter="data")
@@ -82,16 +103,7 @@ def _extract(path: Path, base: Path, target: Path) -> None:
                     raise ValueError(f"unsafe member {member.name!r} in {path}")
             tar.extractall(staging)
     if not (staging / CONFIG_NAME).is_file():
-        shutil.rmtree(staging, ignore_errors=True)
         raise ValueError(f"{path} is not a NeMo checkpoint: it holds no {CONFIG_NAME}")
-    (staging / _COMPLETE).touch()
-    try:
-        os.replace(staging, target)
-    except OSError:  # another node finished first
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / _COMPLETE).is_file():
-            raise
-
 
 
 def read_nemo_config(folder: str | os.PathLike) -> DictConfig:
