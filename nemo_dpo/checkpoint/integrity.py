@@ -74,7 +74,9 @@ def _manifest_problem(folder: Path) -> str | None:
     # Sizes first: they are free, and a resized file needs no hashing to be named.
     for name, (size, _) in sorted(expected.items()):
         actual = present[name].stat().st_size
-        if actual != size:
+        if actual < size:
+            return f"{name} is truncated ({actual} of {size} bytes)"
+        if actual > size:
             return f"{name} has {actual} bytes, its {MANIFEST} says {size}"
     for name, (_, digest) in sorted(expected.items()):
         if _digest(present[name]) != digest:
