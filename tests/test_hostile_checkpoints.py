@@ -113,3 +113,41 @@ def test_trusting_pickled_objects_is_an_explicit_opt_in(hostile_nemo, tmp_path):
     assert marker.exists()
     config = OmegaConf.load(REPO / "conf" / "gpt_dpo.yaml")
     assert config.pretrained_checkpoint.trust_pickled_objects is False
+
+
+def test_crafted_dist_checkpoint_pickles_are_refused(tmp_path):
+    """torch unpickles ``.metadata`` in full and byte items with weights_only=False: both are checked first."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
+
+    folder = tmp_path / "dist"
+    folder.mkdir()
+    torch.distributed.checkpoint.save({"w": torch.ones(3), "obj": io.BytesIO(b"fp8")},
+                                      storage_writer=torch.distributed.checkpoint.FileSystemWriter(str(folder)))
+    check_dist_checkpoint_files(folder)  # what torch writes passes
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    # An item torch reads with weights_only=False, rewritten in place to run code.
+    marker = tmp_path / "ran"
+    index, info = next((i, s) for i, s in metadata.storage_data.items()
+                       if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    payload = io.BytesIO()
+    torch.save(CreatesFile(marker), payload)
+    shard = folder / info.relative_path
+    data = shard.read_bytes()
+    shard.write_bytes(data[:info.offset] + payload.getvalue() + data[info.offset + info.length:])
+    info.length = len(payload.getvalue())
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeFileError) as raised:
+        check_dist_checkpoint_files(folder)
+    assert str(raised.value).startswith(f"{shard} (item obj) holds objects of type io.open"), raised.value
+    # The metadata itself, replaced by a pickle that runs code.
+    (folder / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
+    with pytest.raises(UnsafeFileError) as raised:
+        check_dist_checkpoint_files(folder)
+    assert str(raised.value).startswith(f"{folder / '.metadata'} holds objects of type io.open"), raised.value
+    assert "\n" not in str(raised.value) and not marker.exists()

@@ -18,6 +18,7 @@ from typing import Iterator
 from megatron.core import dist_checkpointing
 
 from nemo_dpo.checkpoint.integrity import COMPLETE_MARKER, write_manifest
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.parallel.collectives import barrier, is_rank0
 
 __all__ = ["COMPLETE_MARKER", "KEY_PREFIX", "atomic_checkpoint_dir", "is_complete", "load_model_weights",
@@ -82,6 +83,7 @@ def load_model_weights(model_chunks, directory: str | os.PathLike) -> None:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    check_dist_checkpoint_files(path)
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path))
     for name, chunk in zip(_chunk_names(model_chunks), model_chunks):
         state = {key.removeprefix(KEY_PREFIX): value for key, value in loaded[name].items()}

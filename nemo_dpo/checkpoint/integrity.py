@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,13 @@ def _manifest_problem(folder: Path) -> str | None:
 def _dist_folder_problem(folder: Path, name: str) -> str | None:
     """What a manifest-less distributed checkpoint ``folder/name`` shows wrong: metadata, missing or short shards."""
     try:
+        check_dist_checkpoint_files(folder / name)
+    except ValueError as err:
+        return f"{name}/ cannot be read ({one_line(err)})"
+    try:
         metadata = FileSystemReader(str(folder / name)).read_metadata()
     except Exception as err:  # any unreadable metadata means a damaged checkpoint
-        return f"{name}/ metadata cannot be read ({type(err).__name__}: {err})"
+        return f"{name}/ metadata cannot be read ({one_line(err)})"
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -123,6 +130,9 @@ def folder_problem(folder: str | os.PathLike, dist_folders: tuple[str, ...]) -> 
 
 def one_line(err: BaseException) -> str:
     """``Type: message`` of ``err`` on one line (megatron's and torch's errors span many)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        # Its text holds every rank's traceback; the first rank's error says what went wrong.
+        err = next(iter(err.failures.values()))[0]
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -138,7 +148,9 @@ def reading(checkpoint: str | os.PathLike, file: str, dist_folders: tuple[str, .
         yield
     except CheckpointError:
         raise
-    except Exception as err:  # torch, megatron and the OS raise many kinds; all mean an unreadable file
+    # torch, megatron and the OS raise many kinds (torch's CheckpointException is no Exception):
+    # all mean an unreadable file.
+    except (Exception, CheckpointException) as err:
         problem = folder_problem(checkpoint, dist_folders) if dist_folders else None
         where = problem or file
         raise CheckpointError(f"cannot read checkpoint {checkpoint}: {where}: {one_line(err)}") from err

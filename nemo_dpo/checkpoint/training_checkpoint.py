@@ -28,6 +28,7 @@ from nemo_dpo.checkpoint.dist_ckpt import (
 )
 from nemo_dpo.checkpoint.integrity import CheckpointError, folder_problem, one_line, reading
 from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, write_model_folder
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.checkpoint.training_state import read_training_state, rng_state, set_rng_state, write_training_state
 from nemo_dpo.parallel.collectives import broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
 
@@ -84,6 +85,7 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     with reading(folder, f"{WEIGHTS_DIR}/", _DIST_FOLDERS):
         load_model_weights(model.model, folder / WEIGHTS_DIR)
     with reading(folder, f"{OPTIMIZER_DIR}/", _DIST_FOLDERS):
+        check_dist_checkpoint_files(folder / OPTIMIZER_DIR)
         sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model), is_loading=True)
         loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / OPTIMIZER_DIR))
         optimizer.load_sharded_state_dict(loaded["optimizer"])

@@ -11,6 +11,7 @@ from nemo_dpo.checkpoint.pretrained import (
     load_pretrained_weights,
     read_model_config,
 )
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.data.tokenizer import stage_tokenizer_dir
 from nemo_dpo.interop.hf.config import SOURCE_CONFIG_NAME
 from nemo_dpo.interop.shape_check import check_dist_checkpoint
@@ -36,6 +37,7 @@ class ModelFolderReader:
             tokenizer_dir = stage_tokenizer_dir({**kept, **tokenizer_files})
 
         def load(model_chunks, vocab_size):
+            check_dist_checkpoint_files(path / WEIGHTS_DIR)
             check_dist_checkpoint(model_chunks, path / WEIGHTS_DIR, vocab_size)
             load_pretrained_weights(model_chunks, path)
 

@@ -19,7 +19,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemo_dpo.checkpoint.dist_ckpt import KEY_PREFIX, model_sharded_state_dict
-from nemo_dpo.checkpoint.safe_load import UnsafeFileError, load_tensors
+from nemo_dpo.checkpoint.safe_load import UnsafeFileError, check_dist_checkpoint_files, load_tensors
 from nemo_dpo.interop.nemo.archive import CONFIG_NAME, WEIGHTS_DIR, WEIGHTS_FILE
 from nemo_dpo.interop.shape_check import check_dist_checkpoint, check_tensor_shapes
 from nemo_dpo.interop.weight_transfer import (
@@ -69,6 +69,7 @@ def load_dist_checkpoint_weights(model_chunks, directory: str | os.PathLike, voc
     Only tensors are read: per-module ``_extra_state`` (transformer-engine FP8
     metadata in NeMo's checkpoints) means nothing to our modules.
     """
+    check_dist_checkpoint_files(directory)
     check_dist_checkpoint(model_chunks, directory, vocab_size)
     request = _drop_objects(model_sharded_state_dict(model_chunks))
     loaded = dist_checkpointing.load(request, str(directory))
