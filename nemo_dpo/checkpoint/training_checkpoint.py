@@ -110,6 +110,9 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not is_complete(folder):
         return "its save did not finish (no completion marker)"
+    if folder.name.endswith(".tmp"):
+        # Killed after its marker but before the rename: the save never took its place.
+        return "it is the staging folder of a save that did not finish"
     for name in (TRAINER_STATE, TRAINING_STATE, MODEL_CONFIG):
         if not (folder / name).is_file():
             return f"{name} is missing"
