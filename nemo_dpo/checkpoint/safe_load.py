@@ -92,16 +92,16 @@ def check_dist_checkpoint_files(directory: str | os.PathLike) -> None:
         ) from err
     except Exception as err:  # a damaged pickle fails in many ways
         raise _unreadable(path, err) from err
-    for index, info in metadata.storage_data.items():
-        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
-            shard = Path(directory) / info.relative_path
-            with open(shard, "rb") as handle:
-                handle.seek(info.offset)
-                record = io.BytesIO(handle.read(info.length))
-            name = f"{shard} (item {index.fqn})"
-            try:
-                load_tensors(record, [io.BytesIO], name=name)
-            except UnsafeFileError:
-                raise
-            except Exception as err:  # damaged bytes fail in many ways
-                raise _unreadable(name, err) from err
+    name = str(path)
+    try:
+        for index, info in metadata.storage_data.items():
+            if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                shard = Path(directory) / info.relative_path
+                name = f"{shard} (item {index.fqn})"
+                with open(shard, "rb") as handle:
+                    handle.seek(info.offset)
+                    load_tensors(io.BytesIO(handle.read(info.length)), [io.BytesIO], name=name)
+    except UnsafeFileError:
+        raise
+    except Exception as err:  # damaged metadata or bytes fail in many ways
+        raise _unreadable(name, err) from err
