@@ -4,6 +4,7 @@ The runs that are killed are real processes of the example script; every other
 run is an in-process job on the test pool (same metrics, no start-up cost).
 """
 
+import io
 import json
 import os
 import random
@@ -15,9 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_dpo.checkpoint.dist_ckpt import is_complete
+from nemo_dpo.checkpoint.integrity import CheckpointError, reading
 from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint, read_trainer_state
+from nemo_dpo.checkpoint.training_state import read_training_state
+from nemo_dpo.training.experiment import resume_checkpoint
 from test_train_gpt_dpo import REPO, run_in_pool, series
 
 STEPS = 8
@@ -169,3 +176,108 @@ def test_max_time_stops_after_saving(dist_pool, tmp_path):
     assert len(steps) < STEPS
     saved = find_resume_checkpoint(tmp_path / "checkpoints")
     assert saved is not None and read_trainer_state(saved)["step"] == len(steps)
+
+
+def damaged_copy(uninterrupted_run, tmp_path: Path) -> tuple[Path, Path]:
+    """Every checkpoint of the uninterrupted run in a folder of our own, and the newest of them."""
+    shutil.copytree(uninterrupted_run[0] / "checkpoints", tmp_path / "checkpoints")
+    newest = find_resume_checkpoint(tmp_path / "checkpoints")
+    assert read_trainer_state(newest)["step"] == STEPS
+    return tmp_path / "checkpoints", newest
+
+
+def flip_middle_bytes(weights: Path) -> Path:
+    """Invert 16 bytes in the middle of the largest shard; its name."""
+    shard = max(weights.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def overwrite_tensor_with_finite_values(weights: Path) -> Path:
+    """Replace the bytes of the largest tensor by other finite values of the same size; its shard."""
+    metadata = FileSystemReader(str(weights)).read_metadata()
+    item = max(metadata.storage_data.values(), key=lambda i: i.length)
+    shard = weights / item.relative_path
+    data = bytearray(shard.read_bytes())
+    record = bytes(data[item.offset:item.offset + item.length])
+    tensor = torch.load(io.BytesIO(record), weights_only=True)
+    garbage = tensor * 0.5 + 0.25
+    assert torch.isfinite(garbage).all() and not torch.equal(garbage, tensor)
+    old, new = (t.contiguous().view(torch.uint8).numpy().tobytes() for t in (tensor, garbage))
+    start = item.offset + record.index(old)
+    data[start:start + len(new)] = new
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.parametrize("damage", [flip_middle_bytes, overwrite_tensor_with_finite_values], ids=["flipped", "finite"])
+def test_same_size_damage_falls_back_to_previous_checkpoint(dist_pool, uninterrupted_run, tmp_path, caplog, damage):
+    checkpoints, newest = damaged_copy(uninterrupted_run, tmp_path)
+    sizes = {p: p.stat().st_size for p in (newest / "weights").glob("*.distcp")}
+    shard = damage(newest / "weights")
+    assert {p: p.stat().st_size for p in sizes} == sizes
+    problem = checkpoint_problem(newest)
+    assert problem == f"weights/{shard.name} fails its sha256 checksum (its contents changed after the save)"
+    fallback = find_resume_checkpoint(checkpoints)
+    assert read_trainer_state(fallback)["step"] == STEPS - 1
+    warning = [r.getMessage() for r in caplog.records if r.name.startswith("nemo_dpo")]
+    assert warning == [f"cannot resume from {newest}: {problem}; trying an older checkpoint"]
+    got = losses_by_step(run_in_pool(dist_pool, tmp_path, *RESUME_ONLY))
+    assert sorted(got) == [STEPS] and got[STEPS] == pytest.approx(uninterrupted_run[1][STEPS], abs=1e-6)
+    # Named explicitly, the damaged checkpoint is refused, naming the file.
+    exp = OmegaConf.create({"resume_from_checkpoint": str(newest)})
+    with pytest.raises(ValueError, match=f"cannot be resumed from: weights/{shard.name} fails its sha256"):
+        resume_checkpoint(exp, checkpoints)
+
+
+def test_checkpoints_without_manifest_still_resume(dist_pool, uninterrupted_run, tmp_path, caplog):
+    checkpoints, _ = damaged_copy(uninterrupted_run, tmp_path)
+    for folder in checkpoints.glob("*step=*"):
+        if read_trainer_state(folder)["step"] > STEPS - 2:
+            shutil.rmtree(folder)
+        else:
+            (folder / "manifest.json").unlink()
+    caplog.clear()
+    newest = find_resume_checkpoint(checkpoints)
+    assert read_trainer_state(newest)["step"] == STEPS - 2
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("nemo_dpo")] == [
+        f"{newest} has no manifest.json (saved by an older nemo-dpo): its files cannot be checksummed"]
+    got = losses_by_step(run_in_pool(dist_pool, tmp_path, *RESUME_ONLY))
+    assert sorted(got) == [STEPS - 1, STEPS]
+    for step in got:
+        assert got[step] == pytest.approx(uninterrupted_run[1][step], abs=1e-6), step
+
+
+def test_truncated_training_state_is_named(uninterrupted_run, tmp_path):
+    checkpoints, newest = damaged_copy(uninterrupted_run, tmp_path)
+    state = newest / "training_state.pt"
+    size = state.stat().st_size
+    state.write_bytes(state.read_bytes()[: size // 2])
+    assert checkpoint_problem(newest) == f"training_state.pt is truncated ({size // 2} of {size} bytes)"
+    (newest / "manifest.json").unlink()  # as an older save would have it: the load itself must say so
+    problem = checkpoint_problem(newest)
+    assert problem.startswith("training_state.pt cannot be read (") and "\n" not in problem, problem
+    with pytest.raises(CheckpointError) as raised:
+        with reading(newest, "training_state.pt"):
+            read_training_state(state)
+    assert str(raised.value).startswith(f"cannot read checkpoint {newest}: training_state.pt: ")
+
+
+def test_bad_trainer_state_values_are_named(uninterrupted_run, tmp_path):
+    checkpoints, newest = damaged_copy(uninterrupted_run, tmp_path)
+    path = newest / "trainer_state.json"
+    for key, value in (("consumed_samples", -16), ("step", 2.5), ("epoch", True), ("step", None)):
+        state = json.loads(path.read_text())
+        path.write_text(json.dumps({**state, key: value}))
+        with pytest.raises(CheckpointError) as raised:
+            read_trainer_state(newest)
+        assert str(raised.value) == (f"checkpoint {newest}: trainer_state.json: {key} must be a non-negative "
+                                     f"integer, got {value!r}")
+        path.write_text(json.dumps(state))
+    path.write_text(path.read_text()[:10])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*: trainer_state.json: JSONDecodeError"):
+        read_trainer_state(newest)
+    assert read_trainer_state(find_resume_checkpoint(checkpoints))["step"] == STEPS - 1

@@ -3,7 +3,8 @@
 Checkpoint folders are written under a temporary name and renamed into place
 only once every rank has finished (:func:`atomic_checkpoint_dir`), so a crash
 mid-save never leaves a folder that looks complete, and never touches an
-existing checkpoint of the same name.
+existing checkpoint of the same name. Each gets a manifest of its files
+(:mod:`nemo_dpo.checkpoint.integrity`) just before its completion marker.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Iterator
 
 from megatron.core import dist_checkpointing
 
+from nemo_dpo.checkpoint.integrity import COMPLETE_MARKER, write_manifest
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.parallel.collectives import barrier, is_rank0
 
-COMPLETE_MARKER = ".complete"
+__all__ = ["COMPLETE_MARKER", "KEY_PREFIX", "atomic_checkpoint_dir", "is_complete", "load_model_weights",
+           "model_sharded_state_dict", "save_model_weights"]
 # Checkpoint keys carry NeMo's "model." prefix so NeMo 1.0 mcore checkpoints line up.
 KEY_PREFIX = "model."
 
@@ -56,6 +60,7 @@ def atomic_checkpoint_dir(folder: str | os.PathLike) -> Iterator[Path]:
     yield staging
     barrier()
     if is_rank0():
+        write_manifest(staging)
         (staging / COMPLETE_MARKER).touch()
         _fsync_dir(staging)
         retired = final.with_name(final.name + ".old")
@@ -78,6 +83,7 @@ def load_model_weights(model_chunks, directory: str | os.PathLike) -> None:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    check_dist_checkpoint_files(path)
     loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path))
     for name, chunk in zip(_chunk_names(model_chunks), model_chunks):
         state = {key.removeprefix(KEY_PREFIX): value for key, value in loaded[name].items()}

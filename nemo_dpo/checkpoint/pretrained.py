@@ -5,6 +5,7 @@ Layout::
     <folder>/model_config.yaml   architecture keys of ``model.*`` (NeMo names, defaults resolved)
     <folder>/tokenizer/          tokenizer.json, tokenizer_config.json
     <folder>/weights/            megatron-core distributed checkpoint (any TP/PP)
+    <folder>/manifest.json       size and checksum of every file above
 
 ``pretrained_checkpoint.restore_from_path`` points at such a folder; the
 architecture it records overrides the run config's, as NeMo Aligner's
@@ -20,8 +21,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nemo_dpo.checkpoint.dist_ckpt import atomic_checkpoint_dir, is_complete, load_model_weights, save_model_weights
+from nemo_dpo.checkpoint.integrity import CheckpointError, folder_problem, reading
 from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
-from nemo_dpo.parallel.collectives import barrier, is_rank0
+from nemo_dpo.parallel.collectives import barrier, broadcast_object, is_rank0
 
 MODEL_CONFIG = "model_config.yaml"
 TOKENIZER_DIR = "tokenizer"
@@ -38,7 +40,8 @@ def read_model_config(folder: str | Path) -> dict:
         raise FileNotFoundError(
             f"{folder} is not a nemo-dpo model folder: {config.name} is missing"
         )
-    architecture = OmegaConf.to_container(OmegaConf.load(config))
+    with reading(folder, MODEL_CONFIG):
+        architecture = OmegaConf.to_container(OmegaConf.load(config))
     GPTArchitecture.from_config(architecture)
     return architecture
 
@@ -65,8 +68,25 @@ def save_pretrained(model_chunks, model_cfg, tokenizer_dir: str | Path, folder: 
     return Path(folder)
 
 
-def load_pretrained_weights(model_chunks, folder: str | Path) -> None:
-    """Load a model folder's weights into chunks of any TP/PP layout (collective)."""
+def check_model_folder(folder: str | Path) -> None:
+    """Raise a :class:`CheckpointError` naming the file if ``folder`` is incomplete or damaged (collective).
+
+    The files are checked against the folder's manifest on rank 0, once.
+    """
     if not is_complete(folder):
         raise ValueError(f"checkpoint {folder} is incomplete (no completion marker): its save did not finish")
-    load_model_weights(model_chunks, Path(folder) / WEIGHTS_DIR)
+    problem = broadcast_object(folder_problem(folder, (WEIGHTS_DIR,)) if is_rank0() else None)
+    if problem:
+        raise CheckpointError(f"cannot read checkpoint {folder}: {problem}")
+
+
+def load_pretrained_weights(model_chunks, folder: str | Path) -> None:
+    """Load a model folder's weights into chunks of any TP/PP layout (collective).
+
+    A read failure raises a :class:`CheckpointError` naming the file; call
+    :func:`check_model_folder` first to check every file against the manifest.
+    """
+    if not is_complete(folder):
+        raise ValueError(f"checkpoint {folder} is incomplete (no completion marker): its save did not finish")
+    with reading(folder, f"{WEIGHTS_DIR}/", (WEIGHTS_DIR,)):
+        load_model_weights(model_chunks, Path(folder) / WEIGHTS_DIR)

@@ -4,24 +4,21 @@ A training checkpoint is a model folder (see :mod:`nemo_dpo.checkpoint.pretraine
 plus::
 
     optimizer/            Adam moments as a megatron distributed checkpoint (reshardable)
-    training_state.pt     LR scheduler, RNG states of every rank
+    training_state.pt     LR scheduler, RNG states of every rank (tensors and plain values)
     trainer_state.json    step, consumed_samples, epoch, metrics at save time
+    manifest.json         size and checksum of every other file
 
 It is written atomically; :func:`find_resume_checkpoint` only ever picks a
-folder whose save completed and whose files are all there.
+folder whose save completed and whose files all match its manifest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_dpo.checkpoint.dist_ckpt import (
     atomic_checkpoint_dir,
@@ -29,9 +26,11 @@ from nemo_dpo.checkpoint.dist_ckpt import (
     load_model_weights,
     model_sharded_state_dict,
 )
+from nemo_dpo.checkpoint.integrity import CheckpointError, folder_problem, one_line, reading
 from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, write_model_folder
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
+from nemo_dpo.checkpoint.training_state import read_training_state, rng_state, set_rng_state, write_training_state
 from nemo_dpo.parallel.collectives import broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
-from nemo_dpo.parallel.device import accelerator_rng_state, set_accelerator_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +38,18 @@ TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 OPTIMIZER_DIR = "optimizer"
 _DIST_FOLDERS = (WEIGHTS_DIR, OPTIMIZER_DIR)
-
-
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": accelerator_rng_state(),
-    }
-
-
-def _all_rng_states() -> list[dict] | None:
-    """Every rank's RNG state, on rank 0 (None elsewhere)."""
-    return gather_objects_to_rank0(_rng_state())
+# Counters DPOTrainer.load_state_dict takes from trainer_state.json.
+_COUNTERS = ("step", "consumed_samples", "epoch")
 
 
 def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, trainer_state: dict,
                              model_cfg, tokenizer_dir: str | Path) -> Path:
     """Write a training checkpoint atomically (collective: call on every rank)."""
-    rng_states = _all_rng_states()
+    rng_states = gather_objects_to_rank0(rng_state())
     with atomic_checkpoint_dir(folder) as staging:
         if is_rank0():
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states}, staging / TRAINING_STATE)
+            write_training_state(staging / TRAINING_STATE, scheduler.state_dict(), rng_states)
             (staging / OPTIMIZER_DIR).mkdir()
         write_model_folder(staging, model.model, model_cfg, tokenizer_dir)
         sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model))
@@ -71,8 +58,18 @@ def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, tr
 
 
 def read_trainer_state(folder: str | Path) -> dict:
-    """``trainer_state.json`` of a checkpoint (step, consumed_samples, epoch, metrics)."""
-    return json.loads((Path(folder) / TRAINER_STATE).read_text())
+    """``trainer_state.json`` of a checkpoint (step, consumed_samples, epoch, metrics), its counters checked."""
+    folder = Path(folder)
+    with reading(folder, TRAINER_STATE):
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {folder}: {TRAINER_STATE} is not a JSON object")
+    for key in _COUNTERS:
+        value = state.get(key)
+        # bool is an int to python; a checkpoint holding true is damaged all the same.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"checkpoint {folder}: {TRAINER_STATE}: {key} must be a non-negative integer, got {value!r}")
+    return state
 
 
 def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) -> dict:
@@ -81,50 +78,55 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     The reference policy is left alone: it stays the pretrained model the run
     started from. Returns the trainer state. RNG states are restored when the
     world size matches the saving run's; otherwise ranks keep their fresh seeds.
+    Any file that cannot be read raises a :class:`CheckpointError` naming it.
     """
     folder = Path(folder)
-    load_model_weights(model.model, folder / WEIGHTS_DIR)
-    sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model), is_loading=True)
-    loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / OPTIMIZER_DIR))
-    optimizer.load_sharded_state_dict(loaded["optimizer"])
-    training_state = torch.load(folder / TRAINING_STATE, weights_only=False)
-    scheduler.load_state_dict(training_state["scheduler"])
-    rng = training_state["rng"]
-    world = world_size()
-    if len(rng) == world:
-        state = rng[rank()]
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        set_accelerator_rng_state(state["cuda"])
-    elif is_rank0():
-        log.warning("%s was saved by %d ranks, resuming on %d: RNG states are not restored", folder, len(rng), world)
-    return read_trainer_state(folder)
+    trainer_state = read_trainer_state(folder)
+    with reading(folder, f"{WEIGHTS_DIR}/", _DIST_FOLDERS):
+        load_model_weights(model.model, folder / WEIGHTS_DIR)
+    with reading(folder, f"{OPTIMIZER_DIR}/", _DIST_FOLDERS):
+        check_dist_checkpoint_files(folder / OPTIMIZER_DIR)
+        sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model), is_loading=True)
+        loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / OPTIMIZER_DIR))
+        optimizer.load_sharded_state_dict(loaded["optimizer"])
+    with reading(folder, TRAINING_STATE):
+        training_state = read_training_state(folder / TRAINING_STATE)
+        scheduler.load_state_dict(training_state["scheduler"])
+        rng = training_state["rng"]
+        world = world_size()
+        if len(rng) == world:
+            set_rng_state(rng[rank()])
+        elif is_rank0():
+            log.warning("%s was saved by %d ranks, resuming on %d: RNG states are not restored", folder, len(rng), world)
+    return trainer_state
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why ``folder`` cannot be resumed from (incomplete, missing or truncated files), or None."""
+    """Why ``folder`` cannot be resumed from (incomplete, a file missing or damaged, naming it), or None.
+
+    Checks every file against the checkpoint's manifest; older checkpoints
+    without one get the checks their files allow.
+    """
     folder = Path(folder)
     if not is_complete(folder):
         return "its save did not finish (no completion marker)"
+    if folder.name.endswith(".tmp"):
+        # Killed after its marker but before the rename: the save never took its place.
+        return "it is the staging folder of a save that did not finish"
     for name in (TRAINER_STATE, TRAINING_STATE, MODEL_CONFIG):
         if not (folder / name).is_file():
             return f"{name} is missing"
-    for name in _DIST_FOLDERS:
-        try:
-            metadata = FileSystemReader(str(folder / name)).read_metadata()
-        except Exception as err:  # any unreadable metadata means a damaged checkpoint
-            return f"{name}/ metadata cannot be read ({type(err).__name__}: {err})"
-        needed: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            end = info.offset + info.length
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-        for relative, size in needed.items():
-            path = folder / name / relative
-            if not path.is_file():
-                return f"{name}/{relative} is missing"
-            if path.stat().st_size < size:
-                return f"{name}/{relative} is truncated ({path.stat().st_size} of {size} bytes)"
+    problem = folder_problem(folder, _DIST_FOLDERS)
+    if problem:
+        return problem
+    try:
+        read_trainer_state(folder)
+    except CheckpointError as err:
+        return str(err)
+    try:
+        read_training_state(folder / TRAINING_STATE)
+    except Exception as err:  # whatever torch raises, the file cannot be resumed from
+        return f"{TRAINING_STATE} cannot be read ({one_line(err)})"
     return None
 
 
@@ -140,9 +142,9 @@ def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
                     log.warning("ignoring %s: an interrupted save", folder)
                 continue
             try:
-                candidates.append((int(read_trainer_state(folder)["step"]), folder))
-            except (ValueError, KeyError) as err:
-                log.warning("ignoring %s: unreadable %s (%s)", folder, TRAINER_STATE, err)
+                candidates.append((read_trainer_state(folder)["step"], folder))
+            except CheckpointError as err:
+                log.warning("ignoring %s: %s", folder, err)
         for _, folder in sorted(candidates, reverse=True):
             problem = checkpoint_problem(folder)
             if problem is None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, load_pretrained_weights, read_model_config
+from nemo_dpo.checkpoint.pretrained import (
+    MODEL_CONFIG,
+    WEIGHTS_DIR,
+    check_model_folder,
+    load_pretrained_weights,
+    read_model_config,
+)
+from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.data.tokenizer import stage_tokenizer_dir
 from nemo_dpo.interop.hf.config import SOURCE_CONFIG_NAME
 from nemo_dpo.interop.shape_check import check_dist_checkpoint
@@ -20,6 +27,8 @@ class ModelFolderReader:
         return (path / MODEL_CONFIG).is_file() and (path / WEIGHTS_DIR).is_dir()
 
     def open(self, path: Path, tokenizer_files: dict[str, Path] | None, extract_dir=None) -> PretrainedSource:
+        # Collective like open_pretrained itself: rank 0 checks the files, every rank hears the verdict.
+        check_model_folder(path)
         architecture = read_model_config(path)
         tokenizer_dir = path / "tokenizer"
         if tokenizer_files is not None:
@@ -28,6 +37,7 @@ class ModelFolderReader:
             tokenizer_dir = stage_tokenizer_dir({**kept, **tokenizer_files})
 
         def load(model_chunks, vocab_size):
+            check_dist_checkpoint_files(path / WEIGHTS_DIR)
             check_dist_checkpoint(model_chunks, path / WEIGHTS_DIR, vocab_size)
             load_pretrained_weights(model_chunks, path)
 

@@ -59,6 +59,7 @@ def open_pretrained(
     path: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     extract_dir: str | os.PathLike | None = None,
+    trust_pickled_objects: bool = False,
 ) -> PretrainedSource:
     """Open a pretrained checkpoint of any supported format (see the module docstring).
 
@@ -66,7 +67,11 @@ def open_pretrained(
     use instead of the checkpoint's (needed for ``.nemo`` files whose Hugging
     Face tokenizer was referenced by hub name). ``extract_dir``: where ``.nemo``
     archives are unpacked (default ``$NEMO_DPO_EXTRACT_DIR`` or the temp folder).
-    Call on every rank: unpacking a ``.nemo`` archive synchronises the ranks.
+    ``trust_pickled_objects``: let ``.nemo`` torch weight files unpickle any
+    object; unpickling a file can run any code in it, so only for files you
+    trust (by default anything but tensors is refused, naming the file).
+    Call on every rank: unpacking a ``.nemo`` archive synchronises the ranks,
+    and a nemo-dpo folder is checked against its manifest on rank 0.
     """
     path = Path(path)
     tokenizer_files = None
@@ -74,7 +79,11 @@ def open_pretrained(
         if not Path(tokenizer_path).is_dir():
             raise FileNotFoundError(f"tokenizer path {tokenizer_path} is not a folder")
         tokenizer_files = tokenizer_files_of(Path(tokenizer_path))
-    source = find_reader(path).open(path, tokenizer_files, extract_dir)
+    reader = find_reader(path)
+    if trust_pickled_objects and isinstance(reader, NemoReader):
+        # Only .nemo torch files hold pickles; the other formats have nothing to trust.
+        reader = NemoReader(trust_pickled_objects=True)
+    source = reader.open(path, tokenizer_files, extract_dir)
     tokenizer_vocab = source.load_tokenizer().vocab_size
     if source.vocab_size is None:
         source = dataclasses.replace(source, vocab_size=tokenizer_vocab)

@@ -21,8 +21,10 @@ def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object,
     does. Collective: call on every rank after ``initialize_parallel``.
     """
     model_cfg = cfg.model
+    pretrained = cfg.pretrained_checkpoint
     source = open_pretrained(
-        cfg.pretrained_checkpoint.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=model_cfg.tokenizer.path
+        pretrained.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=model_cfg.tokenizer.path,
+        trust_pickled_objects=pretrained.get("trust_pickled_objects", False),
     )
     with open_dict(model_cfg):
         model_cfg.merge_with(source.architecture)

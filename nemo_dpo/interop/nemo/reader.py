@@ -17,9 +17,15 @@ class NemoReader:
     """A NeMo 1.0 ``.nemo`` archive of a megatron-core GPT, or its unpacked folder.
 
     Its vocabulary is the tokenizer's (``vocab_size`` is left to ``open_pretrained``).
+    ``trust_pickled_objects``: unpickle torch weight files in full (they can
+    run any code in them; only for files you trust); otherwise only tensors
+    and transformer-engine extra state are read.
     """
 
     format = "nemo"
+
+    def __init__(self, trust_pickled_objects: bool = False):
+        self.trust_pickled_objects = trust_pickled_objects
 
     def matches(self, path: Path) -> bool:
         return is_nemo_archive(path) or is_nemo_folder(path)
@@ -35,6 +41,6 @@ class NemoReader:
             tokenizer_dir = nemo_tokenizer_dir(folder, config)
 
         def load(model_chunks, vocab_size):
-            load_nemo_weights(model_chunks, folder, arch, vocab_size)
+            load_nemo_weights(model_chunks, folder, arch, vocab_size, self.trust_pickled_objects)
 
         return PretrainedSource(path, self.format, architecture, None, tokenizer_dir, load)

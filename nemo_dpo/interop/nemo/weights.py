@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemo_dpo.checkpoint.dist_ckpt import KEY_PREFIX, model_sharded_state_dict
+from nemo_dpo.checkpoint.safe_load import UnsafeFileError, check_dist_checkpoint_files, load_tensors
 from nemo_dpo.interop.nemo.archive import CONFIG_NAME, WEIGHTS_DIR, WEIGHTS_FILE
 from nemo_dpo.interop.shape_check import check_dist_checkpoint, check_tensor_shapes
 from nemo_dpo.interop.weight_transfer import (
@@ -69,6 +69,7 @@ def load_dist_checkpoint_weights(model_chunks, directory: str | os.PathLike, voc
     Only tensors are read: per-module ``_extra_state`` (transformer-engine FP8
     metadata in NeMo's checkpoints) means nothing to our modules.
     """
+    check_dist_checkpoint_files(directory)
     check_dist_checkpoint(model_chunks, directory, vocab_size)
     request = _drop_objects(model_sharded_state_dict(model_chunks))
     loaded = dist_checkpointing.load(request, str(directory))
@@ -105,17 +106,18 @@ def checkpoint_key(name: str) -> tuple[str, int | None] | None:
     return name, None
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path, trust_pickled_objects: bool) -> dict:
     # Tensors, plain containers, and the BytesIO blobs transformer-engine pickles as
-    # extra state; anything else would need a full unpickle, which we never do.
-    try:
-        with torch.serialization.safe_globals([io.BytesIO]):
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects other than tensors and transformer-engine extra state, which nemo-dpo "
-            f"does not unpickle: {err}"
-        ) from err
+    # extra state; anything else needs a full unpickle, which can run code from the file.
+    if trust_pickled_objects:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    else:
+        try:
+            state = load_tensors(path, [io.BytesIO], mmap=True)
+        except UnsafeFileError as err:
+            raise UnsafeFileError(
+                f"{err}; only for a file you trust, set pretrained_checkpoint.trust_pickled_objects=true"
+            ) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
@@ -124,11 +126,11 @@ def _torch_load(path: Path) -> dict:
 class TorchStateDictWeights:
     """Full tensors by checkpoint key from NeMo torch state dicts, merged over TP and PP ranks."""
 
-    def __init__(self, files: list[tuple[int, int, Path]], gated: bool):
+    def __init__(self, files: list[tuple[int, int, Path]], gated: bool, trust_pickled_objects: bool = False):
         self.gated = gated
         by_stage: dict[int, dict[int, dict]] = {}
         for tp, pp, path in files:
-            by_stage.setdefault(pp, {})[tp] = _torch_load(path)
+            by_stage.setdefault(pp, {})[tp] = _torch_load(path, trust_pickled_objects)
         self.pieces: dict[tuple[str, int | None], list[torch.Tensor]] = {}
         offset = 0
         for pp in sorted(by_stage):
@@ -202,13 +204,17 @@ class TorchStateDictWeights:
 
 
 def load_nemo_weights(model_chunks, folder: str | os.PathLike, architecture: GPTArchitecture,
-                      vocab_size: int) -> None:
-    """Fill chunks of any TP/PP layout from an unpacked ``.nemo`` (call on every rank)."""
+                      vocab_size: int, trust_pickled_objects: bool = False) -> None:
+    """Fill chunks of any TP/PP layout from an unpacked ``.nemo`` (call on every rank).
+
+    Torch state dicts holding objects other than tensors are refused unless
+    ``trust_pickled_objects``: unpickling a file can run any code in it.
+    """
     location = nemo_weights_location(folder)
     if isinstance(location, Path):
         load_dist_checkpoint_weights(model_chunks, location, vocab_size)
         return
-    weights = TorchStateDictWeights(location, architecture.gated_linear_unit)
+    weights = TorchStateDictWeights(location, architecture.gated_linear_unit, trust_pickled_objects)
     weights.check(model_chunks, vocab_size, architecture.share_embeddings_and_output_weights, Path(folder))
     with torch.no_grad():
         fill_from(model_chunks, lambda slot: weights.read_piece(slot, vocab_size))
