@@ -110,8 +110,8 @@ class DistributedPool:
         for proc in self._procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            except ProcessLookupError:  # not yet its own group leader (closed right after a restart)
+                proc.kill()
             proc.join()
 
 

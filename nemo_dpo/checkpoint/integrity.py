@@ -47,8 +47,11 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def _digest(path: Path) -> str:
+    digest = hashlib.new(_HASH)
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, _HASH).hexdigest()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _digests(files: dict[str, Path]) -> dict[str, str]:

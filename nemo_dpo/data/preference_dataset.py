@@ -166,7 +166,7 @@ class DPOModelDataset(Dataset):
                 first_too_long = first_too_long or self._where(i)
             else:
                 fitting.append(i)
-        self._unk_id, self.num_unknown, self._first_unknown = _unk_id(self.tokenizer), 0, None
+        self._unk_id, self.num_unknown, self._first_unknown = getattr(self.tokenizer, "unk_id", None), 0, None
         for start in range(0, len(fitting), TOKENIZE_BATCH):
             batch = fitting[start : start + TOKENIZE_BATCH]
             # Prompt and responses are tokenised separately and concatenated: tokenising the
@@ -271,14 +271,3 @@ class DPOModelDataset(Dataset):
             "chosen_reward": self.default_chosen_reward if chosen_reward is None else float(chosen_reward),
             "rejected_reward": self.default_rejected_reward if rejected_reward is None else float(rejected_reward),
         }
-
-
-def _unk_id(tokenizer) -> int | None:
-    """The tokenizer's unknown-token id; None when it has none (byte-level BPE needs none)."""
-    unk_id = getattr(tokenizer, "unk_id", None)
-    if unk_id is not None:
-        return unk_id
-    # HFTokenizer keeps the unknown token on its tokenizers model (WordLevel, WordPiece, BPE).
-    backend = getattr(tokenizer, "tokenizer", None)
-    unk_token = getattr(getattr(backend, "model", None), "unk_token", None)
-    return None if unk_token is None else backend.token_to_id(unk_token)

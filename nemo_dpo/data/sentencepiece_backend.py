@@ -23,6 +23,9 @@ class SentencePieceBackend:
                 f"{model_file} is a SentencePiece model: `pip install sentencepiece` to read it"
             ) from err
         self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        # tokenizers keeps the unknown token on its model; HFTokenizer reads it from there.
+        unk_id = self.processor.unk_id()
+        self.model = SimpleNamespace(unk_token=self.processor.id_to_piece(unk_id) if unk_id >= 0 else None)
 
     def no_truncation(self) -> None:
         pass

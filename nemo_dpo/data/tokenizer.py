@@ -79,6 +79,9 @@ class HFTokenizer:
         self.eos_id = self._special_id(self.eos_token, "eos_token")
         pad_id = self._special_id(self.pad_token, "pad_token")
         self.pad_id = self.eos_id if pad_id is None else pad_id
+        # What characters it cannot represent become; None for byte-level models, which need none.
+        unk_token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+        self.unk_id = None if unk_token is None else tokenizer.token_to_id(unk_token)
         self._template = None
 
     def _special_id(self, token: str | None, what: str) -> int | None:

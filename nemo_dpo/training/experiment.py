@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from nemo_dpo.checkpoint.callback import CheckpointCallback
 from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint
+from nemo_dpo.parallel.collectives import broadcast_object, is_rank0
 from nemo_dpo.utils.metrics_logger import MetricsLogger
 
 
@@ -17,10 +18,11 @@ def log_dir_of(exp: DictConfig) -> Path:
 
 
 def resume_checkpoint(exp: DictConfig, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint to continue from, per ``exp_manager.resume_*``; None to start afresh."""
+    """The checkpoint to continue from, per ``exp_manager.resume_*``; None to start afresh (collective)."""
     if exp.resume_from_checkpoint:
         path = Path(exp.resume_from_checkpoint)
-        problem = checkpoint_problem(path)
+        # Rank 0 checks (hashing every file once) and tells the others.
+        problem = broadcast_object(checkpoint_problem(path) if is_rank0() else None)
         if problem:
             raise ValueError(f"exp_manager.resume_from_checkpoint={path} cannot be resumed from: {problem}")
         return path
