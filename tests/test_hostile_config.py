@@ -13,7 +13,7 @@ from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.training.config import CONFIG_DIR, CONFIG_NAME, check_config_keys, compose_config
 from test_train_gpt_dpo import run_in_pool
-from training_workers import NAN_LOSS
+from training_workers import poisoned_train_job
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -104,8 +104,8 @@ def test_a_run_with_a_bad_value_stops_naming_it(dist_pool, tmp_path, override, m
 def test_non_finite_loss_names_step_samples_and_checkpoint_state(dist_pool, tmp_path):
     """With no checkpoint yet, the error says so and lists the global batch's dataset indices."""
     with pytest.raises(RuntimeError, match=r"NonFiniteLossError: step 1: non-finite loss \(nan\)") as raised:
-        run_in_pool(dist_pool, tmp_path, "trainer.dpo.max_steps=2", f"model.dpo.preference_loss={NAN_LOSS}",
-                    "model.global_batch_size=8", "model.micro_batch_size=2", nproc=2)
+        dist_pool.run(2, poisoned_train_job, str(tmp_path), ["trainer.dpo.max_steps=2", "model.global_batch_size=8",
+                                                             "model.micro_batch_size=2"])
     message = raised.value.args[0].strip().splitlines()[-1]
     samples = [int(i) for i in re.search(r"on training samples \[([0-9, ]+)\]", message).group(1).split(",")]
     assert len(samples) == 8 and len(set(samples)) == 8 and samples == sorted(samples)  # both DP ranks' pairs

@@ -26,7 +26,7 @@ from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_res
 from nemo_dpo.checkpoint.training_state import read_training_state
 from nemo_dpo.training.experiment import resume_checkpoint
 from test_train_gpt_dpo import REPO, run_in_pool, series
-from training_workers import NAN_LOSS
+from training_workers import poisoned_train_job
 
 STEPS = 8
 RUN = [f"trainer.dpo.max_steps={STEPS}", "trainer.dpo.save_interval=1", "trainer.dpo.val_check_interval=4",
@@ -161,14 +161,13 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(dist_pool, tmp_path)
     run_in_pool(dist_pool, tmp_path, *good)  # two good steps, checkpoints at 1 and 2
     last_good = find_resume_checkpoint(tmp_path / "checkpoints")
     # A loss plug-in that is NaN on every pair; the run resumes at step 2 and must stop at step 3.
-    poisoned = [*RUN, f"model.dpo.preference_loss={NAN_LOSS}"]
     with pytest.raises(RuntimeError, match=r"NonFiniteLossError: step 3: non-finite loss \(nan\) or gradient norm "
                                            r"\(nan\) on training samples \[[0-9, ]+\]; the weights were not updated "
                                            r"and the checkpoint of step 2 is intact"):
-        run_in_pool(dist_pool, tmp_path, *poisoned)
+        dist_pool.run(1, poisoned_train_job, str(tmp_path), RUN)
     assert find_resume_checkpoint(tmp_path / "checkpoints") == last_good and checkpoint_problem(last_good) is None
-    records = run_in_pool(dist_pool, tmp_path, *poisoned, "trainer.dpo.skip_nonfinite_steps=True",
-                          "exp_manager.create_checkpoint_callback=False")
+    (records,) = dist_pool.run(1, poisoned_train_job, str(tmp_path), [
+        *RUN, "trainer.dpo.skip_nonfinite_steps=True", "exp_manager.create_checkpoint_callback=False"])
     skipped = series(records, "train/skipped_steps")
     assert skipped[-1] == STEPS - 2 and series(records, "train/grad_norm")[-1] == "nan"  # logged as text
 

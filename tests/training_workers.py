@@ -13,11 +13,9 @@ from nemo_dpo.training import compose_config, train
 
 NAN_LOSS = "nan_for_tests"
 
-if NAN_LOSS not in PREFERENCE_LOSSES:
-    # Poisons training through the public plug-in point: ``model.dpo.preference_loss=nan_for_tests``.
-    @register_preference_loss(NAN_LOSS)
-    def _nan_loss(chosen_logratios, rejected_logratios, **_):
-        return (chosen_logratios - rejected_logratios) * torch.nan
+
+def _nan_loss(chosen_logratios, rejected_logratios, **_):
+    return (chosen_logratios - rejected_logratios) * torch.nan
 
 
 def read_metrics(log_dir: Path) -> list[dict]:
@@ -29,6 +27,18 @@ def train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
     cfg = compose_config([f"exp_manager.explicit_log_dir={log_dir}", *overrides])
     log_dir = train(cfg)
     return read_metrics(log_dir) if is_rank0() else None
+
+
+def poisoned_train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
+    """``train_job`` whose every loss is NaN, through the public plug-in point (a registered loss).
+
+    The loss is registered for this job only, so other tests see the built-in registry.
+    """
+    register_preference_loss(NAN_LOSS)(_nan_loss)
+    try:
+        return train_job(log_dir, [*overrides, f"model.dpo.preference_loss={NAN_LOSS}"])
+    finally:
+        del PREFERENCE_LOSSES[NAN_LOSS]
 
 
 def export_hf(checkpoint: str, out: str) -> None:
