@@ -51,7 +51,7 @@ class DPOSettings:
     ``log_prob_forward_micro_batch_size`` the training micro-batch size.
     """
 
-    ref_policy_kl_penalty: float = 0.1
+    ref_policy_kl_penalty: float = 0.3
     preference_average_log_probs: bool = False
     sft_average_log_probs: bool | None = None
     gt_reward_scale: float = 1.0
