@@ -129,11 +129,19 @@ def test_truncated_checkpoint_is_named_and_skipped(dist_pool, uninterrupted_run,
 
 
 def test_resume_on_another_layout(dist_pool, uninterrupted, tmp_path):
-    """Saved at (TP, PP) = (2, 1); resumed at (1, 2) and at (1, 1) from step 4."""
+    """Saved at (TP, PP) = (2, 1) at step 4; resumed at (1, 2) and at (1, 1), training goes on as the saving run did.
+
+    Up to the save the saving run agrees with the single-process one (layouts agree in
+    fp32); later, reduction-order noise compounds step by step (1.6e-5 by step 8), so
+    the resumed runs are held to the run they continue, more tightly.
+    """
     saved = tmp_path / "tp2"
     # Only the step-4 checkpoint is resumed from: saving every step would add nothing.
     every_fourth = [o if not o.startswith("trainer.dpo.save_interval=") else "trainer.dpo.save_interval=4" for o in RUN]
-    run_in_pool(dist_pool, saved, *every_fourth, "model.tensor_model_parallel_size=2", nproc=2)
+    saving_run = losses_by_step(run_in_pool(dist_pool, saved, *every_fourth, "model.tensor_model_parallel_size=2",
+                                            nproc=2))
+    for step in range(1, 5):
+        assert saving_run[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
     for folder in (saved / "checkpoints").iterdir():
         if folder.name != "final_model" and read_trainer_state(folder)["step"] > 4:
             shutil.rmtree(folder)
@@ -142,8 +150,7 @@ def test_resume_on_another_layout(dist_pool, uninterrupted, tmp_path):
         got = losses_by_step(run_in_pool(dist_pool, tmp_path / name, *RESUME_ONLY, layout, nproc=nproc))
         assert sorted(got) == [5, 6, 7, 8]
         for step in got:
-            assert got[step] == pytest.approx(uninterrupted[step], abs=1e-5), (name, step)
-
+            assert got[step] == pytest.approx(saving_run[step], abs=1e-6), (name, step)
 
 def test_save_top_k_keeps_best_two_and_newest(dist_pool, tmp_path):
     records = run_in_pool(dist_pool, tmp_path, "trainer.dpo.max_steps=6", "trainer.dpo.save_interval=1",

@@ -122,10 +122,12 @@ def test_nemo_aligner_string_prompt_format_trains(dist_pool, tmp_path):
                 question = record["prompt"][0]["content"]
                 record["prompt"] = f"<extra_id_1>User\n{question}\n<extra_id_1>Assistant\n"
                 out.write(json.dumps(record) + "\n")
+    # A gentler beta (0.1): on a template the model never saw, the
+    # default 0.3 overshoots at first (val loss 0.74 after 20 steps) before it learns.
     records = run_in_pool(
         dist_pool, tmp_path / "logs", f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
         f"model.data.data_prefix.validation={tmp_path / 'validation.jsonl'}",
-        "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20",
+        "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20", "model.dpo.ref_policy_kl_penalty=0.1",
         "exp_manager.create_checkpoint_callback=False",
     )
     assert series(records, "train/loss")[0] == LN2_FP32
