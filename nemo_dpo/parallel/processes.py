@@ -119,9 +119,18 @@ def sweep_dead_staging(folder: Path, prefix: str, suffix: str = "") -> list[Path
     for entry in entries:
         match = pattern.match(entry.name)
         pid = int(match.group(1)) if match else None
-        if pid is None or pid == os.getpid() or psutil.pid_exists(pid):
+        if pid is None or pid == os.getpid() or _running(pid):
             continue
         shutil.rmtree(entry, ignore_errors=True)  # another user's folder stays: not ours to remove
         if not entry.exists():
             removed.append(entry)
     return removed
+
+
+def _running(pid: int) -> bool:
+    # A zombie has ended: only its exit status waits for a parent that may never reap it
+    # (a killed launcher's ranks are re-parented to an init that need not).
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
