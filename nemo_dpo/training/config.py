@@ -39,13 +39,12 @@ _EXTRA_KEYS = frozenset(
 
 
 def _key_paths(node, prefix: str = "") -> dict[str, object]:
-    """``dotted.key -> value`` for every key of a (nested) config, without resolving interpolations."""
+    """``dotted.key -> value`` for every key of a (nested) plain dict."""
     paths = {}
-    for key in node.keys() if isinstance(node, DictConfig) else ():
+    for key, value in node.items():
         path = f"{prefix}{key}"
-        value = node._get_node(key)
         paths[path] = value
-        if isinstance(value, DictConfig) and not value._is_none():
+        if isinstance(value, dict):
             paths.update(_key_paths(value, path + "."))
     return paths
 
@@ -67,11 +66,12 @@ def check_config_keys(cfg: DictConfig, reference: DictConfig | None = None) -> N
     """
     if reference is None:
         reference = OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")
-    known = _key_paths(reference)
+    # Unresolved: interpolations are values here, and a missing one must not fail this check.
+    known = _key_paths(OmegaConf.to_container(reference, resolve=False))
     unknown = []
-    for path in _key_paths(cfg):
+    for path in _key_paths(OmegaConf.to_container(cfg, resolve=False)):
         parent = path.rpartition(".")[0]
-        opaque_parent = parent and (parent not in known or not isinstance(known[parent], DictConfig))
+        opaque_parent = parent and (parent not in known or not isinstance(known[parent], dict))
         if path not in known and path not in _EXTRA_KEYS and not opaque_parent and path.split(".")[0] != "hydra":
             unknown.append(path)
     if unknown:
