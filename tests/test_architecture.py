@@ -48,6 +48,19 @@ def test_from_config_ignores_other_keys_and_round_trips():
     assert GPTArchitecture.from_config({**as_dict, "max_position_embeddings": 64}).max_sequence_length == 64
 
 
+def test_rope_scaling_keys():
+    rope = dict(BASE, position_embedding_type="rope")
+    unscaled = GPTArchitecture(**rope).to_dict()
+    assert not {"scale_positional_embedding", "rope_scaling_factor", "seq_len_interpolation_factor"} & set(unscaled)
+    # NeMo's default factor when only the switch is given; the config round trip keeps both.
+    llama3 = GPTArchitecture.from_config(OmegaConf.create(dict(rope, scale_positional_embedding=1)))
+    assert llama3.scale_positional_embedding is True and llama3.rope_scaling_factor == 8.0
+    assert GPTArchitecture.from_config(llama3.to_dict()) == llama3
+    assert GPTArchitecture(**rope, scale_positional_embedding=True, rope_scaling_factor=32).rope_scaling_factor == 32
+    linear = GPTArchitecture(**rope, seq_len_interpolation_factor=4)
+    assert linear.to_dict()["seq_len_interpolation_factor"] == 4 and not linear.scale_positional_embedding
+
+
 def test_embedded_default_model_config_loads():
     from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
 
@@ -70,6 +83,16 @@ def test_embedded_default_model_config_loads():
     (dict(hidden_size=-64), "model.hidden_size=-64 must be a positive integer"),
     (dict(ffn_hidden_size=0), "model.ffn_hidden_size=0 must be a positive integer"),
     (dict(kv_channels=2.5), "model.kv_channels=2.5 must be a positive integer"),
+    (dict(position_embedding_type="rope", scale_positional_embedding=True, rope_scaling_factor=0),
+     "model.rope_scaling_factor=0 must be a positive finite number"),
+    (dict(position_embedding_type="rope", seq_len_interpolation_factor=float("inf")),
+     "model.seq_len_interpolation_factor=inf must be a positive finite number"),
+    (dict(position_embedding_type="rope", rope_scaling_factor=8.0),
+     "model.rope_scaling_factor=8.0 needs model.scale_positional_embedding=true"),
+    (dict(scale_positional_embedding=True),
+     "model.scale_positional_embedding needs model.position_embedding_type='rope', not 'learned_absolute'"),
+    (dict(seq_len_interpolation_factor=2.0),
+     "model.seq_len_interpolation_factor needs model.position_embedding_type='rope', not 'learned_absolute'"),
 ])
 def test_impossible_architectures_are_named(changes, message):
     with pytest.raises(ValueError) as error:

@@ -27,6 +27,15 @@ HF_MODELS = {
     # Per-head q/k RMSNorm before RoPE, head_dim (24) != hidden / heads (16), GQA, tied embeddings, no biases.
     "qwen3": dict(cls="Qwen3Config", tokenizer_vocab=VOCAB, shard=None, config=dict(
         head_dim=24, tie_word_embeddings=True, rope_theta=1000.0)),
+    # Llama 3.1 RoPE scaling: with theta 5e5 and head_dim 16 the four lowest frequencies have wavelengths
+    # beyond 8192 / 4, so scaling changes them (checked against an unscaled twin: "unscaled" below).
+    "llama3_rope": dict(cls="LlamaConfig", tokenizer_vocab=VOCAB, shard=None, unscaled=True, config=dict(
+        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192))),
+    # Linear RoPE scaling (positions halved).
+    "linear_rope": dict(cls="LlamaConfig", tokenizer_vocab=VOCAB, shard=None, unscaled=True, config=dict(
+        rope_theta=500.0, tie_word_embeddings=False, rope_scaling=dict(rope_type="linear", factor=2.0))),
 }
 LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2)]  # (tp, pp, world)
 
@@ -78,6 +87,10 @@ def hf_models(tmp_path_factory):
         folder = tmp_path_factory.mktemp(name)
         model = make_hf_model(folder, name)
         made[name] = dict(folder=folder, logits=hf_logits(model, tokens[:, :-1]))
+        if HF_MODELS[name].get("unscaled"):
+            # The same weights without RoPE scaling: an import that ignored the scaling would give these.
+            twin = make_hf_model(tmp_path_factory.mktemp(f"{name}_unscaled"), name, rope_scaling=None)
+            made[name]["unscaled_logits"] = hf_logits(twin, tokens[:, :-1])
     return tokens, made
 
 
@@ -137,6 +150,8 @@ def check_round_trip(dist_pool, hf_models, tmp_path, name, tp, pp, world, vpp=No
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert expected.abs().max() > 1.0  # logits far from zero: the tolerance means something
+    if "unscaled_logits" in made[name]:
+        assert (expected - made[name]["unscaled_logits"]).abs().max() > 1e-3  # the scaling matters here
 
     # Export after import gives back every original tensor, bit for bit, and nothing else.
     original, exported = original_tensors(folder), original_tensors(out)
@@ -149,12 +164,14 @@ def check_round_trip(dist_pool, hf_models, tmp_path, name, tp, pp, world, vpp=No
     torch.testing.assert_close(hf_logits(reloaded, tokens[:, :-1]), ours, atol=1e-5, rtol=0)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "hf_config.json").exists()
+    source_config, exported_config = (json.loads((f / "config.json").read_text()) for f in (folder, out))
+    assert exported_config["rope_parameters"] == source_config["rope_parameters"]
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     assert last["vocab_size"] == VOCAB and last["tokenizer_vocab"] == HF_MODELS[name]["tokenizer_vocab"]
 
 
 def test_architecture_from_config(hf_models):
-    from nemo_dpo.interop.hf import architecture_from_hf_config, read_hf_config
+    from nemo_dpo.interop.hf import architecture_from_hf_config, hf_config_from_architecture, read_hf_config
 
     _, made = hf_models
     llama = architecture_from_hf_config(read_hf_config(made["llama"]["folder"]))
@@ -172,6 +189,16 @@ def test_architecture_from_config(hf_models):
     qwen3 = architecture_from_hf_config(read_hf_config(made["qwen3"]["folder"]))
     assert qwen3["qk_layernorm"] and not qwen3["bias"] and not qwen3["qkv_bias"]
     assert (qwen3["num_attention_heads"], qwen3["num_query_groups"], qwen3["kv_channels"]) == (4, 2, 24)
+    llama3 = architecture_from_hf_config(read_hf_config(made["llama3_rope"]["folder"]))
+    assert llama3["scale_positional_embedding"] and llama3["rope_scaling_factor"] == 8.0
+    assert "seq_len_interpolation_factor" not in llama3 and "scale_positional_embedding" not in llama
+    linear = architecture_from_hf_config(read_hf_config(made["linear_rope"]["folder"]))
+    assert linear["seq_len_interpolation_factor"] == 2.0 and "scale_positional_embedding" not in linear
+    # Without a template the export writes transformers < 5 rope_scaling, which reads back the same.
+    for arch, rope_type in ((llama3, "llama3"), (linear, "linear")):
+        written = hf_config_from_architecture(arch, VOCAB, torch.float32)
+        assert written["rope_scaling"]["rope_type"] == rope_type and "rope_parameters" not in written
+        assert architecture_from_hf_config(written) == arch
     # transformers < 5 spelling of the rope settings.
     legacy = {k: v for k, v in read_hf_config(made["llama"]["folder"]).items() if k != "rope_parameters"}
     assert architecture_from_hf_config({**legacy, "rope_theta": 42.0, "rope_scaling": None})["rotary_base"] == 42.0

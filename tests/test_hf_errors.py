@@ -40,6 +40,11 @@ def test_unsupported_architecture_lists_the_supported_ones(llama_folder, tmp_pat
 
 @pytest.mark.parametrize("changes,words", [
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), ["'llama3'", "RoPE scaling"]),
+    # megatron-core hard-codes llama3's low/high frequency factors and original length.
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 2.0,
+                           "high_freq_factor": 8.0, "original_max_position_embeddings": 8192}),
+     ["'llama3'", "low_freq_factor=2.0", "high_freq_factor=8.0", "only with low_freq_factor=1.0, high_freq_factor=4.0"]),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["'yarn'", "'default', 'linear', 'llama3'"]),
     (dict(hidden_act="gelu"), ["hidden_act='gelu'"]),
     (dict(attention_bias=True), ["attention_bias=True", "mlp_bias=False"]),
 ])

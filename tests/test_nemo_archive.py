@@ -158,6 +158,10 @@ def test_config_maps_to_our_architecture(archives):
 
     _, _, made, _ = archives
     assert architecture_from_nemo_config(read_nemo_config(made["torch_te"])) == ARCHITECTURE
+    # RoPE scaling keys are NeMo's own names, passed through.
+    for scaling in ("scale_positional_embedding: true\nrope_scaling_factor: 16.0", "seq_len_interpolation_factor: 4"):
+        config = OmegaConf.create(NEMO_CONFIG.replace("seq_len_interpolation_factor: null", scaling))
+        assert architecture_from_nemo_config(config) == {**ARCHITECTURE, **OmegaConf.create(scaling)}
 
 
 @pytest.mark.parametrize("tp,pp,world", [(1, 1, 1), (2, 2, 4)], ids=str)
@@ -222,7 +226,9 @@ def test_tokenizer_named_by_hub_id_needs_a_path(archives, tmp_path):
     (("mcore_gpt: true", "mcore_gpt: false"), "legacy"),
     (("position_embedding_type: rope", "position_embedding_type: alibi"), "position_embedding_type='alibi'"),
     (("activation: fast-swiglu", "activation: reglu"), "activation='reglu'"),
-    (("seq_len_interpolation_factor: null", "seq_len_interpolation_factor: 4"), "seq_len_interpolation_factor=4"),
+    (("seq_len_interpolation_factor: null", "seq_len_interpolation_factor: -4"),
+     "seq_len_interpolation_factor=-4 must be a positive finite number"),
+    (("seq_len_interpolation_factor: null", "rotary_interleaved: true"), "rotary_interleaved=True"),
 ])
 def test_unsupported_config_is_named(tmp_path, change, message):
     from nemo_dpo.interop import open_pretrained

@@ -16,6 +16,9 @@ from nemo_dpo.models.nlp.gpt.architecture import HF_DTYPE_NAMES, GPTArchitecture
 # restore everything that is not architecture (model_type, special token ids,
 # sliding window, ...).
 SOURCE_CONFIG_NAME = "hf_config.json"
+# megatron-core's llama3 scaling takes only the factor and hard-codes these.
+LLAMA3_FIXED = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+SCALED_ROPE_TYPES = ("linear", "llama3")
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:
@@ -38,6 +41,38 @@ def _rope_settings(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def _scaling_keys(name: str, scaling: dict | None) -> dict:
+    """Our RoPE-scaling keys for an HF ``rope_scaling`` / ``rope_parameters`` dict (``None``: unscaled)."""
+    if scaling is None:
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return dict(seq_len_interpolation_factor=float(scaling["factor"]))
+    if kind == "llama3":
+        given = {key: scaling.get(key) for key in LLAMA3_FIXED}
+        if given != LLAMA3_FIXED:
+            raise ValueError(
+                f"{name} uses RoPE scaling 'llama3' with "
+                f"{', '.join(f'{key}={value!r}' for key, value in given.items())}; megatron-core implements it "
+                f"only with {', '.join(f'{key}={value!r}' for key, value in LLAMA3_FIXED.items())}"
+            )
+        return dict(scale_positional_embedding=True, rope_scaling_factor=float(scaling["factor"]))
+    raise ValueError(f"{name} uses RoPE scaling {kind!r}, which nemo-dpo does not implement; supported rope_type: "
+                     f"{', '.join(map(repr, ('default', *SCALED_ROPE_TYPES)))}")
+
+
+def _hf_scaling(arch: GPTArchitecture) -> dict:
+    """The HF rope type and parameters (less rope_theta) of ``arch``'s RoPE scaling."""
+    if arch.scale_positional_embedding and arch.seq_len_interpolation_factor is not None:
+        raise ValueError("model.scale_positional_embedding with model.seq_len_interpolation_factor has no "
+                         "Hugging Face equivalent; set one of them")
+    if arch.scale_positional_embedding:
+        return dict(rope_type="llama3", factor=float(arch.rope_scaling_factor), **LLAMA3_FIXED)
+    if arch.seq_len_interpolation_factor is not None:
+        return dict(rope_type="linear", factor=float(arch.seq_len_interpolation_factor))
+    return dict(rope_type="default")
+
+
 def architecture_from_hf_config(config: dict) -> dict:
     """Our NeMo-named architecture keys for the ``config.json`` of a supported family."""
     family = family_of_config(config)
@@ -45,12 +80,7 @@ def architecture_from_hf_config(config: dict) -> dict:
     if config.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{name} with hidden_act={config['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope_settings(config)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        raise ValueError(
-            f"{name} uses RoPE scaling {kind!r} (e.g. Llama 3.1+), which the nemo-dpo model builder "
-            "does not implement yet; only unscaled RoPE (rope_type 'default') is supported"
-        )
+    scaling_keys = _scaling_keys(name, scaling)
     if family.refused_sliding_window and config.get(family.refused_sliding_window, False):
         raise ValueError(
             f"{name} with {family.refused_sliding_window}=true is not supported (full causal attention only)"
@@ -81,6 +111,7 @@ def architecture_from_hf_config(config: dict) -> dict:
         qk_layernorm=family.qk_norm,
         layernorm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=config.get("max_position_embeddings"),
+        **scaling_keys,
     )
     return arch.to_dict()
 
@@ -128,8 +159,18 @@ def hf_config_from_architecture(
         rope_theta=theta,
         torch_dtype=HF_DTYPE_NAMES[dtype],
     )
-    if isinstance(config.get("rope_parameters"), dict):
-        config["rope_parameters"]["rope_theta"] = theta
+    scaling = _hf_scaling(arch)
+    # Written in the template's spelling: transformers 5.x rope_parameters, else < 5 rope_scaling.
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict):
+        # Other keys the template keeps there (e.g. partial_rotary_factor) stay.
+        for key in ("factor", *LLAMA3_FIXED):
+            parameters.pop(key, None)
+        parameters.update(scaling, rope_theta=theta)
+    elif scaling["rope_type"] != "default":
+        config["rope_scaling"] = scaling
+    elif "rope_scaling" in config:
+        config["rope_scaling"] = None
     config.pop("dtype", None)
     forced, defaults = family.export_settings(arch)
     config.update(forced)

@@ -18,8 +18,6 @@ _ACTIVATIONS = {
 # NeMo settings our model cannot reproduce, with the value that is harmless.
 _MUST_BE_DEFAULT = {
     "num_moe_experts": (None, 0, 1),
-    "seq_len_interpolation_factor": (None,),
-    "scale_positional_embedding": (None, False),
     "rotary_interleaved": (None, False),
     "transformer_block_type": (None, "pre_ln"),
     "layernorm_zero_centered_gamma": (None, False),
@@ -75,6 +73,9 @@ def architecture_from_nemo_config(config: DictConfig) -> dict:
         layernorm_epsilon=float(config_value(config, "layernorm_epsilon", 1e-5)),
         encoder_seq_length=config_value(config, "encoder_seq_length"),
         max_position_embeddings=config_value(config, "max_position_embeddings"),
+        scale_positional_embedding=config_value(config, "scale_positional_embedding"),
+        rope_scaling_factor=config_value(config, "rope_scaling_factor"),
+        seq_len_interpolation_factor=config_value(config, "seq_len_interpolation_factor"),
         # NeMo's default: the padding the checkpoint's embedding was built with.
         make_vocab_size_divisible_by=config_value(config, "make_vocab_size_divisible_by", 128),
     )

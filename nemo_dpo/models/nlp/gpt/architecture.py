@@ -10,6 +10,7 @@ names and dtypes have their one table here too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,11 @@ class GPTArchitecture:
     sequence lengths, ``make_vocab_size_divisible_by`` (128) and ``vocab_size``
     means the checkpoint does not fix them: they stay out of :meth:`to_dict`, so
     merging the dict into a run config keeps the run's values.
+
+    RoPE scaling, as NeMo names it: ``scale_positional_embedding`` turns on
+    Llama 3.1-style frequency scaling by ``rope_scaling_factor`` (default 8);
+    ``seq_len_interpolation_factor`` divides positions (linear scaling). ``None``
+    means unscaled, and keeps the keys out of :meth:`to_dict`.
     """
 
     num_layers: int
@@ -79,6 +85,9 @@ class GPTArchitecture:
     max_position_embeddings: int | None = None
     make_vocab_size_divisible_by: int | None = None
     vocab_size: int | None = None
+    scale_positional_embedding: bool | None = None
+    rope_scaling_factor: float | None = None
+    seq_len_interpolation_factor: float | None = None
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
@@ -93,6 +102,7 @@ class GPTArchitecture:
             raise unsupported("activation", self.activation, ACTIVATIONS)
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             raise unsupported("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+        self._check_rope_scaling()
         hidden, heads = self.hidden_size, self.num_attention_heads
         if self.kv_channels is None and hidden % heads:
             raise ValueError(
@@ -105,6 +115,8 @@ class GPTArchitecture:
             kv_channels=self.kv_channels or hidden // heads,
             qkv_bias=self.bias if self.qkv_bias is None else self.qkv_bias,
         )
+        if self.scale_positional_embedding and self.rope_scaling_factor is None:
+            derived["rope_scaling_factor"] = 8.0  # NeMo's and megatron-core's default
         for key, value in derived.items():
             object.__setattr__(self, key, value)
         if heads % self.num_query_groups:
@@ -113,6 +125,21 @@ class GPTArchitecture:
                 f"model.num_query_groups={self.num_query_groups}"
             )
 
+    def _check_rope_scaling(self):
+        for key in ("rope_scaling_factor", "seq_len_interpolation_factor"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"model.{key}={value!r} must be a positive finite number")
+        if self.rope_scaling_factor is not None and not self.scale_positional_embedding:
+            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor!r} needs "
+                             "model.scale_positional_embedding=true")
+        scaling = "scale_positional_embedding" if self.scale_positional_embedding else (
+            "seq_len_interpolation_factor" if self.seq_len_interpolation_factor is not None else None)
+        if scaling and self.position_embedding_type != "rope":
+            raise ValueError(f"model.{scaling} needs model.position_embedding_type='rope', "
+                             f"not {self.position_embedding_type!r}")
+
     @classmethod
     def from_config(cls, cfg) -> GPTArchitecture:
         """The architecture keys of a model config (DictConfig or dict); other keys are ignored."""
@@ -120,7 +147,8 @@ class GPTArchitecture:
         missing = [key for key in ("num_layers", "hidden_size", "num_attention_heads") if values[key] is None]
         if missing:
             raise ValueError(f"the model config lacks {', '.join('model.' + key for key in missing)}")
-        for key in ("share_embeddings_and_output_weights", "bias", "qkv_bias", "qk_layernorm"):
+        for key in ("share_embeddings_and_output_weights", "bias", "qkv_bias", "qk_layernorm",
+                    "scale_positional_embedding"):
             if values[key] is not None:
                 values[key] = bool(values[key])
         return cls(**{key: value for key, value in values.items() if value is not None})

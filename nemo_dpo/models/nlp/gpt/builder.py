@@ -89,6 +89,10 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
             position_embedding_type=arch.position_embedding_type,
             rotary_percent=arch.rotary_percentage,
             rotary_base=arch.rotary_base,
+            seq_len_interpolation_factor=arch.seq_len_interpolation_factor,
+            rope_scaling=bool(arch.scale_positional_embedding),
+            # Read only when rope_scaling is on, and then GPTArchitecture has set it.
+            rope_scaling_factor=arch.rope_scaling_factor,
             vp_stage=stage,
         )
         model.true_vocab_size = vocab_size
