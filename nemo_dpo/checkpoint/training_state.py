@@ -18,7 +18,8 @@ from nemo_dpo.checkpoint.safe_load import load_tensors
 from nemo_dpo.parallel.device import accelerator_rng_state, set_accelerator_rng_state
 
 # How numpy arrays pickle: enough to read the RNG key of a file written before this format.
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _NUMPY_CORE.multiarray._reconstruct]
 
 
 def rng_state() -> dict:
