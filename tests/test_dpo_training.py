@@ -81,3 +81,33 @@ def test_losses_match_across_layouts(dist_pool, single_process_run, tmp_path, tp
     got = dist_pool.run(world, train_dpo, tp, pp, micro, 4, 5, items, str(tmp_path))[0]["records"]
     for key in ("train/loss", "train/acc", "train/rewards_chosen_mean", "train/grad_norm", "val/loss", "val/acc"):
         assert _series(got, key) == pytest.approx(_series(expected, key), abs=1e-5), key
+
+
+CHUNKED = dict(log_prob_chunk_size=7)  # a last partial chunk on every micro-batch
+
+
+@pytest.mark.parametrize("tp,pp,world", [(1, 1, 1), (2, 1, 2), (1, 2, 2)], ids=str)
+def test_chunked_logprobs_step0_identities_and_values(dist_pool, tp, pp, world):
+    items = synthetic_pairs(4)
+    chunked = dist_pool.run(world, step0_logprobs, tp, pp, 2, items, CHUNKED)
+    plain = dist_pool.run(world, step0_logprobs, tp, pp, 2, items)
+    for c, p in zip(chunked, plain):
+        assert torch.equal(c["policy"], c["reference"])  # bitwise
+        assert c["loss"] == LN2_FP32
+        torch.testing.assert_close(c["policy"], p["policy"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tp,world", [(1, 1), (2, 2)], ids=str)
+def test_chunked_logprobs_train_like_whole_logits(dist_pool, tmp_path, tp, world):
+    items = synthetic_pairs(19)
+    runs = [dist_pool.run(world, train_dpo, tp, 1, 2, 4, 5, items, str(tmp_path / name), dpo)[0]["records"]
+            for name, dpo in (("plain", None), ("chunked", CHUNKED))]
+    for key in ("train/loss", "train/acc", "train/grad_norm", "val/loss"):
+        assert _series(runs[1], key) == pytest.approx(_series(runs[0], key), abs=1e-6), key
+
+
+def test_chunk_size_must_be_positive():
+    from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
+
+    with pytest.raises(ValueError, match="log_prob_chunk_size=0 must be a positive integer"):
+        DPOSettings(log_prob_chunk_size=0)

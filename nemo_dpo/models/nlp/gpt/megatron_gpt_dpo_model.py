@@ -28,7 +28,7 @@ from nemo_dpo.losses import (
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.parallel.collectives import broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
-from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
+from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
 _REF_KEYS = ("ref_policy_log_probs_chosen", "ref_policy_log_probs_rejected")
@@ -42,6 +42,17 @@ def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
     return torch.cat((batch[chosen_key], batch[rejected_key]), dim=0)
 
 
+@contextlib.contextmanager
+def _output_layer_passes_hidden_states(gpt):
+    """Within: ``gpt`` returns its output layer's input ``[batch, seq, hidden]`` instead of logits."""
+    layer = gpt.output_layer
+    layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+    try:
+        yield
+    finally:
+        del layer.forward  # the class's forward again
+
+
 @dataclass(frozen=True)
 class DPOSettings:
     """``model.dpo``: every key with its one default (``conf/gpt_dpo.yaml`` states the same values).
@@ -49,6 +60,8 @@ class DPOSettings:
     ``ref_policy_kl_penalty`` is the loss's beta. ``None`` for
     ``sft_average_log_probs`` follows ``preference_average_log_probs``, and for
     ``log_prob_forward_micro_batch_size`` the training micro-batch size.
+    ``log_prob_chunk_size``: tokens whose logits exist at once (log-probs come
+    from the output layer's input, chunk by chunk); ``None`` keeps whole logits.
     """
 
     ref_policy_kl_penalty: float = 0.3
@@ -59,6 +72,7 @@ class DPOSettings:
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     log_prob_forward_micro_batch_size: int | None = None
+    log_prob_chunk_size: int | None = None
 
     def __post_init__(self):
         # Fails at start-up, listing the valid names, for an unknown loss.
@@ -71,9 +85,10 @@ class DPOSettings:
             if not math.isfinite(value) or (key != "gt_reward_scale" and value < 0):
                 raise ValueError(f"model.dpo.{key}={value} must be a finite number" + (
                     "" if key == "gt_reward_scale" else " >= 0"))
-        size = self.log_prob_forward_micro_batch_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-            raise ValueError(f"model.dpo.log_prob_forward_micro_batch_size={size!r} must be a positive integer")
+        for key in ("log_prob_forward_micro_batch_size", "log_prob_chunk_size"):
+            size = getattr(self, key)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+                raise ValueError(f"model.dpo.{key}={size!r} must be a positive integer")
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
         if self.sft_average_log_probs is None:
@@ -105,6 +120,9 @@ class MegatronGPTDPOModel:
         self.vocab_size = vocab_size
         self.dpo = DPOSettings.from_config(cfg.get("dpo"))
         self.preference_loss_fn = get_preference_loss(self.dpo.preference_loss)
+        if self.dpo.log_prob_chunk_size is not None and cfg.get("sequence_parallel", False):
+            # The output layer's input is then split over the sequence; not handled yet.
+            raise ValueError("model.dpo.log_prob_chunk_size does not support sequence_parallel yet")
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
         self.model = wrap_data_parallel(model_chunks)
@@ -144,21 +162,30 @@ class MegatronGPTDPOModel:
                 torch.arange(tokens.shape[1]).expand_as(tokens)
             )
             device = next(model.parameters()).device
+            chunk_size = self.dpo.log_prob_chunk_size
+            gpt = model.module
+            chunked = chunk_size is not None and gpt.post_process
             # Right-padded pairs need no mask: causal attention never looks ahead.
-            output = model(tokens.to(device), positions.to(device), None)
+            with _output_layer_passes_hidden_states(gpt) if chunked else contextlib.nullcontext():
+                output = model(tokens.to(device), positions.to(device), None)
 
-            def token_logprobs(logits):
-                targets = tokens[:, 1:].to(logits.device)
-                return vocab_parallel_logprobs(logits[:, :-1], targets, self.vocab_size)
+            def token_logprobs(output):
+                targets = tokens[:, 1:].to(output.device)
+                if not chunked:
+                    return vocab_parallel_logprobs(output[:, :-1], targets, self.vocab_size)
+                # The weight GPTModel itself hands its output layer.
+                weight = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
+                          else gpt.output_layer.weight)
+                return chunked_vocab_parallel_logprobs(output[:, :-1], weight, targets, chunk_size, self.vocab_size)
 
             if logprobs_only:
-                return output, lambda logits: (torch.zeros(()), {"logprobs": token_logprobs(logits).detach()})
+                return output, lambda output: (torch.zeros(()), {"logprobs": token_logprobs(output).detach()})
 
-            def loss_func(logits):
-                pi_logprobs = token_logprobs(logits)
-                labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(logits.device)
-                ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(logits.device)
-                gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(logits.device)
+            def loss_func(output):
+                pi_logprobs = token_logprobs(output)
+                labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(output.device)
+                ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(output.device)
+                gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(output.device)
                 dpo = self.dpo
                 logratios = self.get_reduced_masked_logps(
                     pi_logprobs - ref_logprobs, labels, average_log_probs=dpo.preference_average_log_probs
