@@ -1,5 +1,10 @@
 """chunked_vocab_parallel_logprobs against the unchunked output layer + vocab_parallel_logprobs, at TP 1 and 2."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -78,3 +83,42 @@ def test_chunk_size_must_be_a_positive_int(chunk_size):
     hidden, weight, target, _ = make_inputs()
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_vocab_parallel_logprobs(hidden, weight, target, chunk_size)
+
+
+_PEAK_SCRIPT = """
+import re, sys, torch
+import torch.nn.functional as F
+from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
+
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+hidden = torch.randn(1024, 32, generator=gen).requires_grad_(True)
+weight = torch.randn(131072, 32, generator=gen).requires_grad_(True)
+target = torch.randint(0, 131072, (1024,), generator=gen)
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current RSS
+start = kib("VmRSS")
+if sys.argv[1] == "chunked":
+    logprobs = chunked_vocab_parallel_logprobs(hidden, weight, target, 16)
+else:
+    logprobs = vocab_parallel_logprobs(F.linear(hidden, weight), target)
+logprobs.sum().backward()
+print(kib("VmHWM") - start)
+"""
+
+
+def _peak_kib(mode: str) -> int:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], env=env, capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset")
+def test_peak_memory_at_128k_vocab_is_an_eighth_or_less():
+    # 1024 tokens x 128k vocab: 512 MiB per whole fp32 logits tensor, 8 MiB per 16-token chunk.
+    chunked, whole = _peak_kib("chunked"), _peak_kib("whole")
+    print(f"peak RSS growth: chunked {chunked} KiB, whole logits {whole} KiB")
+    assert chunked * 8 <= whole

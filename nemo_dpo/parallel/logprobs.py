@@ -125,7 +125,7 @@ class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
             local_target, in_shard = _local_target(target[rows], ctx.start, weight.shape[0])
             grad_logits = _logits_grad(probs, local_target, in_shard, grad_output[rows]).to(hidden.dtype)
             grad_hidden[rows] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ hidden[rows]
+            grad_weight.addmm_(grad_logits.t().float(), hidden[rows].float())  # in place: no [vocab, hidden] temporary
         # As ColumnParallelLinear does (allreduce_dgrad): hidden states are replicated
         # over TP, so their gradient is the sum of every vocab shard's contribution.
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
