@@ -19,14 +19,19 @@ RECOMPUTE = {
     "full_block_2": dict(activations_checkpoint_granularity="full", activations_checkpoint_method="block",
                          activations_checkpoint_num_layers=2),
 }
-# (tp, pp, world size), recompute setting: every setting at TP=1 and TP=2; at PP=2 (two layers
-# per stage) the settings whose layer groups cross or fill a stage.
-CASES = [((1, 1, 1), name) for name in sorted(RECOMPUTE)] + [((2, 1, 2), name) for name in sorted(RECOMPUTE)] + [
-    ((1, 2, 2), "full_uniform_2"), ((1, 2, 2), "full_block_2"),
+# (tp, pp, world size), recompute setting, dropout: every setting at TP=1 and TP=2; at PP=2 (two
+# layers per stage) the settings whose layer groups fill a stage. With dropout, recompute must
+# redraw the forward's masks, which needs the RNG state restored.
+DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
+CASES = [
+    *(((1, 1, 1), name, False) for name in sorted(RECOMPUTE)),
+    *(((2, 1, 2), name, False) for name in sorted(RECOMPUTE)),
+    ((1, 2, 2), "full_uniform_2", False), ((1, 2, 2), "full_block_2", False),
+    ((1, 1, 1), "selective", True), ((1, 1, 1), "full_uniform_1", True), ((2, 1, 2), "full_block_2", True),
 ]
 
 
-def counted_train_step(*args) -> list:
+def counted_train_step(*args) -> dict:
     """forward_and_train_step, also reporting how many times megatron's CheckpointFunction ran."""
     original = megatron_random.CheckpointFunction.forward
     calls = []
@@ -55,20 +60,24 @@ def plain_runs(dist_pool):
     """The run without recompute at each layout, computed once."""
     runs = {}
 
-    def plain(layout):
-        if layout not in runs:
-            result, checkpointed = train_step(dist_pool, *layout, {})
+    def plain(layout, extra):
+        key = (layout, tuple(sorted(extra.items())))
+        if key not in runs:
+            result, checkpointed = train_step(dist_pool, *layout, extra)
             assert checkpointed == 0
-            runs[layout] = result
-        return runs[layout]
+            runs[key] = result
+        return runs[key]
 
     return plain
 
 
-@pytest.mark.parametrize("layout,name", CASES, ids=str)
-def test_recompute_matches_plain_run(dist_pool, plain_runs, layout, name):
-    expected = plain_runs(layout)
-    got, checkpointed = train_step(dist_pool, *layout, RECOMPUTE[name])
+@pytest.mark.parametrize("layout,name,dropout", CASES, ids=str)
+def test_recompute_matches_plain_run(dist_pool, plain_runs, layout, name, dropout):
+    model = DROPOUT if dropout else {}
+    expected = plain_runs(layout, model)
+    if dropout:
+        assert expected["grad_norm"] != plain_runs(layout, {})["grad_norm"], "dropout had no effect"
+    got, checkpointed = train_step(dist_pool, *layout, {**model, **RECOMPUTE[name]})
     assert checkpointed > 0, "recompute was not used"
     torch.testing.assert_close(got["logprobs"], expected["logprobs"], atol=1e-6, rtol=0)
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], abs=1e-6)
