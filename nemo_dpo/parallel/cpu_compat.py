@@ -12,6 +12,9 @@ this module exists for (checked against megatron-core 0.16.1):
   parameter and gradient buffers with ``device=torch.cuda.current_device()``.
 * ``models/common/embeddings/rotary_pos_embedding.py`` builds inverse
   frequencies on ``torch.cuda.current_device()``.
+* ``tensor_parallel/random.py`` (activation recompute's ``CheckpointFunction``)
+  saves and restores the CUDA RNG state through ``_get_cuda_rng_state`` and
+  ``_set_cuda_rng_state``, which assert that torch was built with CUDA.
 
 On a machine without CUDA, :func:`enable_cpu_compat` installs, process-wide:
 
@@ -19,7 +22,9 @@ On a machine without CUDA, :func:`enable_cpu_compat` installs, process-wide:
   argument (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")`` or a bare device
   index) to ``"cpu"`` and turns ``Tensor.cuda()`` into a no-op;
 * ``torch.cuda.current_device`` returning 0 (an index the mode maps to CPU) and
-  no-op ``torch.cuda.synchronize``.
+  no-op ``torch.cuda.synchronize``;
+* megatron's CUDA RNG state getter and setter reading and writing the CPU
+  generator, which is the one that draws "CUDA" tensors here.
 
 Nothing is patched when CUDA is available: on GPU the same calls reach the real
 CUDA runtime. The megatron optimizer is *not* covered (its grad clipping checks
@@ -29,6 +34,7 @@ CUDA runtime. The megatron optimizer is *not* covered (its grad clipping checks
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import random as megatron_random
 from torch.overrides import TorchFunctionMode
 
 _MODE: "_CudaToCpuMode | None" = None
@@ -91,6 +97,15 @@ def _current_device_index() -> int:
     return 0
 
 
+def _get_rng_state(*args, **kwargs) -> torch.Tensor:
+    # torch.get_rng_state returns a copy, so the saved state cannot drift.
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
 def enable_cpu_compat() -> bool:
     """Install the CPU shim when CUDA is absent; idempotent. Returns whether it is active."""
     global _MODE
@@ -99,6 +114,9 @@ def enable_cpu_compat() -> bool:
     if _MODE is None:
         torch.cuda.current_device = _current_device_index
         torch.cuda.synchronize = _noop
+        # CheckpointFunction looks these up in its module at call time.
+        megatron_random._get_cuda_rng_state = _get_rng_state
+        megatron_random._set_cuda_rng_state = _set_rng_state
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
     return True

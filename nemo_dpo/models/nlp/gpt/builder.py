@@ -57,9 +57,50 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
+        **recompute_settings(cfg),
     )
     settings.update(transformer_config_overrides())
     return TransformerConfig(**settings)
+
+
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def recompute_settings(cfg) -> dict:
+    """megatron's recompute settings from NeMo's ``activations_checkpoint_*`` keys; empty when off."""
+    granularity = cfg.get("activations_checkpoint_granularity")
+    method = cfg.get("activations_checkpoint_method")
+    num_layers = cfg.get("activations_checkpoint_num_layers")
+    if granularity is None:
+        return {}
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(
+            f"model.activations_checkpoint_granularity must be null or one of {RECOMPUTE_GRANULARITIES}, "
+            f"got {granularity!r}"
+        )
+    if granularity == "selective":
+        # megatron recomputes the core attention of every layer; method and count do not apply.
+        if method is not None:
+            raise ValueError(
+                f"model.activations_checkpoint_method must be null with selective granularity, got {method!r}"
+            )
+        if num_layers is not None:
+            raise ValueError(
+                f"model.activations_checkpoint_num_layers must be null with selective granularity, got {num_layers!r}"
+            )
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError(
+            f"model.activations_checkpoint_method must be one of {RECOMPUTE_METHODS} with full granularity, "
+            f"got {method!r}"
+        )
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"model.activations_checkpoint_num_layers must be a positive integer with full granularity, "
+            f"got {num_layers!r}"
+        )
+    return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
 
 
 def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTModel]:
