@@ -99,9 +99,10 @@ def test_torchrun_two_processes_matches_single_process(single_process, tmp_path)
 @pytest.mark.slow
 def test_default_run_learns_the_preference(dist_pool, tmp_path):
     """A shortened default run: validation accuracy rises from 0 and the reward margin grows."""
+    # Data-parallel over both cores (the same global batches, so the same run as one process).
     records = run_in_pool(
         dist_pool, tmp_path, "trainer.dpo.max_steps=60", "trainer.dpo.val_check_interval=30",
-        "trainer.dpo.limit_val_batches=4", "exp_manager.create_checkpoint_callback=False",
+        "trainer.dpo.limit_val_batches=4", "exp_manager.create_checkpoint_callback=False", nproc=2,
     )
     assert series(records, "train/acc")[0] == 0.0
     val_acc = series(records, "val/acc")
@@ -128,7 +129,7 @@ def test_nemo_aligner_string_prompt_format_trains(dist_pool, tmp_path):
         dist_pool, tmp_path / "logs", f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
         f"model.data.data_prefix.validation={tmp_path / 'validation.jsonl'}",
         "trainer.dpo.max_steps=40", "trainer.dpo.val_check_interval=20", "model.dpo.ref_policy_kl_penalty=0.1",
-        "exp_manager.create_checkpoint_callback=False",
+        "exp_manager.create_checkpoint_callback=False", nproc=2,
     )
     assert series(records, "train/loss")[0] == LN2_FP32
     val_loss, val_acc = series(records, "val/loss"), series(records, "val/acc")
