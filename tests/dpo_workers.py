@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
 from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler, build_dataloader
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_dpo.optim.optimizer import ReplicatedAdamW
+from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import CosineAnnealing
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 from nemo_dpo.utils.metrics_logger import MetricsLogger
@@ -45,20 +46,26 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def model_config(micro_batch_size: int, global_batch_size: int, **dpo) -> OmegaConf:
+def model_config(micro_batch_size: int, global_batch_size: int, precision=32, optim: dict | None = None,
+                 **dpo) -> OmegaConf:
     return OmegaConf.create(dict(
-        MODEL, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+        MODEL, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, precision=precision,
+        optim={"name": "adamw", "lr": 5e-3, "weight_decay": 0.01, **(optim or {})},
         dpo=dict(ref_policy_kl_penalty=0.5, log_prob_forward_micro_batch_size=micro_batch_size, **dpo),
     ))
 
 
 def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
-              items: list[dict], log_dir: str, dpo_overrides: dict | None = None) -> dict:
-    """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics."""
+              items: list[dict], log_dir: str, dpo_overrides: dict | None = None, precision=32,
+              optim: dict | None = None) -> dict:
+    """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics.
+
+    Every rank also returns its optimizer-state bytes (``state_bytes``).
+    """
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, global_batch_size, **(dpo_overrides or {}))
+    cfg = model_config(micro_batch_size, global_batch_size, precision, optim, **(dpo_overrides or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
-    optimizer = ReplicatedAdamW(model.model, lr=5e-3, weight_decay=0.01)
+    optimizer = build_optimizer(model.model, cfg.optim, precision_dtype(precision))
     scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=5e-4, warmup_steps=1)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler_args = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
@@ -76,15 +83,17 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
         logger=MetricsLogger(log_dir, use_tensorboard=False), ckpt_callback=None, run_timer=RunTimer(None),
     )
     trainer.fit()
-    if torch.distributed.get_rank() != 0:
-        return {}
-    return {"records": [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]}
+    result = {"state_bytes": optimizer.state_bytes()}
+    if torch.distributed.get_rank() == 0:
+        result["records"] = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+    return result
 
 
-def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], dpo: dict | None = None) -> dict:
+def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], dpo: dict | None = None,
+                   precision=32) -> dict:
     """Policy and reference per-token log-probs and metrics of the first batch, before any update."""
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, len(items), **(dpo or {}))
+    cfg = model_config(micro_batch_size, len(items), precision, **(dpo or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     local = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
@@ -96,3 +105,29 @@ def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], d
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])[:, 1:]
     return dict(reference=reference, policy=policy, labels=labels, loss=loss, metrics=metrics)
+
+
+def bf16_master_weights(steps: int, lr: float, items: list[dict]) -> dict:
+    """Train bf16 with a constant ``lr``; per parameter: initial, after one step and final bf16 weights and fp32 masters."""
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    cfg = model_config(2, len(items), "bf16", optim=dict(lr=lr, weight_decay=0.0))
+    model = MegatronGPTDPOModel(cfg, VOCAB)
+    optimizer = build_optimizer(model.model, cfg.optim, torch.bfloat16)
+    # megatron's mixed-precision optimizer pairs each bf16 parameter with its fp32 master, group by group.
+    pairs = [(p, m) for group, masters in zip(optimizer._part.float16_groups, optimizer._part.fp32_from_float16_groups)
+             for p, m in zip(group, masters)]
+    batch = dpo_custom_collate(items, eos_id=EOS)
+    batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = (
+        model.get_ref_policy_logprobs(batch).chunk(2))
+    snapshots = {"initial": [p.detach().clone() for p, _ in pairs]}
+    for step in range(steps):
+        optimizer.zero_grad()
+        model.prepare_for_training_step()
+        model.get_loss_and_metrics(batch, forward_only=False)
+        assert optimizer.step(clip_grad=0.0)[0]
+        if step == 0:
+            snapshots["first_model"] = [p.detach().clone() for p, _ in pairs]
+            snapshots["first_master"] = [m.detach().clone() for _, m in pairs]
+    snapshots["model"] = [p.detach().clone() for p, _ in pairs]
+    snapshots["master"] = [m.detach().clone() for _, m in pairs]
+    return snapshots

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.models.nlp.gpt.init import iter_sharded_tensors
-from nemo_dpo.optim.optimizer import ReplicatedAdamW
+from nemo_dpo.optim.optimizer import MegatronAdamW
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
@@ -85,7 +86,7 @@ def forward_and_train_step(tp: int, pp: int, model_cfg: dict, vocab_size: int,
     # Adam's first update is ~lr * sign(g) wherever |g| >> eps, which hides the
     # gradient's magnitude and amplifies round-off where |g| ~ eps; a large eps
     # keeps the update proportional to the gradient so the test compares both.
-    optimizer = ReplicatedAdamW(chunks, lr=lr, weight_decay=0.1, eps=1e-3)
+    optimizer = MegatronAdamW(chunks, OptimizerSettings(lr=lr, weight_decay=0.1, eps=1e-3))
     for chunk in chunks:
         chunk.zero_grad_buffer()
     run(forward_only=False)

@@ -102,8 +102,10 @@ def test_chunked_logprobs_train_like_whole_logits(dist_pool, tmp_path, tp, world
     items = synthetic_pairs(19)
     runs = [dist_pool.run(world, train_dpo, tp, 1, 2, 4, 5, items, str(tmp_path / name), dpo)[0]["records"]
             for name, dpo in (("plain", None), ("chunked", CHUNKED))]
-    for key in ("train/loss", "train/acc", "train/grad_norm", "val/loss"):
+    for key in ("train/loss", "train/acc", "val/loss"):
         assert _series(runs[1], key) == pytest.approx(_series(runs[0], key), abs=1e-6), key
+    # Norms of about 5, summed in fp32 over every gradient element: relative, not absolute, agreement.
+    assert _series(runs[1], "train/grad_norm") == pytest.approx(_series(runs[0], "train/grad_norm"), rel=1e-6)
 
 
 def test_chunk_size_must_be_positive():

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
-from nemo_dpo.optim.optimizer import build_optimizer
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.training.config import CONFIG_DIR, CONFIG_NAME, check_config_keys, compose_config
 from test_train_gpt_dpo import run_in_pool
@@ -29,9 +29,10 @@ def test_dpo_settings_refused(settings, message):
         DPOSettings.from_config(settings)
 
 
-def _optimizer(**optim):
-    torch.manual_seed(0)
-    return build_optimizer([torch.nn.Linear(3, 2)], OmegaConf.create({"name": "adamw", "lr": 1e-3, **optim}))
+def _optimizer():
+    """A torch optimizer with a decayed and an undecayed group, as the training optimizer has."""
+    layer = torch.nn.Linear(3, 2)
+    return torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias], "weight_decay": 0.0}], lr=1e-3)
 
 
 @pytest.mark.parametrize("optim,message", [
@@ -44,7 +45,7 @@ def _optimizer(**optim):
 ])
 def test_optimizer_values_refused(optim, message):
     with pytest.raises(ValueError, match=message):
-        _optimizer(**optim)
+        OptimizerSettings.from_config(OmegaConf.create({"name": "adamw", "lr": 1e-3, **optim}))
 
 
 @pytest.mark.parametrize("sched,message", [

@@ -1,14 +1,14 @@
-"""model.dpo settings and model.optim names: one default each, unknown or unhonoured keys answered."""
+"""model.dpo settings and model.optim keys: one default each, unknown or unhonoured keys answered."""
 
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
-from nemo_dpo.optim.optimizer import ReplicatedAdamW, build_optimizer
+from nemo_dpo.optim.settings import OptimizerSettings
 
 CONFIG = Path(__file__).resolve().parent.parent / "conf" / "gpt_dpo.yaml"
 
@@ -36,20 +36,29 @@ def test_unknown_and_impossible_settings_are_refused():
     assert DPOSettings.from_config(None) == DPOSettings()
 
 
-def _chunk():
-    torch.manual_seed(0)
-    return torch.nn.Linear(3, 2)
+def test_optimizer_names_and_nemo_ddp_keys_map_onto_megatron():
+    def settings(**optim):
+        return OptimizerSettings.from_config(OmegaConf.create({"lr": 1e-3, **optim}), precision_dtype("bf16-mixed"))
 
-
-def test_sharded_optimizer_name_warns_that_state_is_replicated(caplog):
-    cfg = OmegaConf.create({"name": "distributed_fused_adam", "lr": 1e-3})
-    with caplog.at_level(logging.WARNING, logger="nemo_dpo.optim.optimizer"):
-        optimizer = build_optimizer([_chunk()], cfg)
-    assert isinstance(optimizer, ReplicatedAdamW)
-    assert "distributed_fused_adam: the optimizer state is not sharded yet" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nemo_dpo.optim.optimizer"):
-        build_optimizer([_chunk()], OmegaConf.create({"name": "fused_adam", "lr": 1e-3}))
-    assert caplog.text == ""
-    with pytest.raises(ValueError, match=r"model.optim.name='sgd' is not supported; valid: \['adamw'"):
-        build_optimizer([_chunk()], OmegaConf.create({"name": "sgd", "lr": 1e-3}))
+    sharded = settings(name="distributed_fused_adam", bucket_cap_mb=2, overlap_grad_sync=True, grad_sync_dtype="bf16")
+    ddp, megatron = sharded.ddp_config(), sharded.megatron_config()
+    assert ddp.use_distributed_optimizer and megatron.use_distributed_optimizer and megatron.bf16
+    assert megatron.params_dtype is torch.bfloat16 and megatron.main_params_dtype is torch.float32
+    assert ddp.bucket_size == 2 * 1024 * 1024 // 4 and ddp.overlap_grad_reduce and not ddp.grad_reduce_in_fp32
+    assert not settings(name="distributed_fused_adam", use_distributed_optimizer=False).use_distributed_optimizer
+    assert settings(name="fused_adam", use_distributed_optimizer=True).use_distributed_optimizer
+    plain = settings(name="adamw")
+    assert not plain.use_distributed_optimizer and plain.ddp_config().grad_reduce_in_fp32
+    assert plain.ddp_config().bucket_size is None
+    for optim, message in [
+        ({"name": "sgd"}, r"model.optim.name='sgd' is not supported; valid: \['adamw'"),
+        ({"contiguous_grad_buffer": False}, "model.optim.contiguous_grad_buffer=False is not supported"),
+        ({"overlap_param_sync": True}, "model.optim.overlap_param_sync=True is not supported"),
+        ({"grad_sync_dtype": "fp16"}, "model.optim.grad_sync_dtype='fp16' is not supported"),
+        ({"bucket_cap_mb": 0}, "model.optim.bucket_cap_mb=0 must be a number > 0 or null"),
+        ({"use_distributed_optimizer": "yes"}, "model.optim.use_distributed_optimizer='yes' must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            settings(**optim)
+    with pytest.raises(ValueError, match=r"model.precision: fp16 \(with a loss scaler\) is not supported; use bf16 or 32"):
+        OptimizerSettings.from_config(OmegaConf.create({"lr": 1e-3}), precision_dtype(16))

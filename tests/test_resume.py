@@ -290,3 +290,24 @@ def test_bad_trainer_state_values_are_named(uninterrupted_run, tmp_path):
     with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*: trainer_state.json: JSONDecodeError"):
         read_trainer_state(newest)
     assert read_trainer_state(find_resume_checkpoint(checkpoints))["step"] == STEPS - 1
+
+
+def test_sharded_optimizer_resumes_at_other_data_and_tensor_parallel_sizes(dist_pool, tmp_path):
+    """Saved at DP=2 with the optimizer state sharded (ZeRO-1) at step 4; resumed at DP=1 and at TP=2.
+
+    The checkpoint holds master weights and moments per parameter (megatron's fully
+    reshardable layout), so each resumed run continues exactly as the saving run did.
+    """
+    sharded = "model.optim.name=distributed_fused_adam"
+    saving = [*(o if not o.startswith("trainer.dpo.save_interval=") else "trainer.dpo.save_interval=4" for o in RUN),
+              sharded]
+    saving_run = losses_by_step(run_in_pool(dist_pool, tmp_path / "dp2", *saving, nproc=2))
+    for folder in (tmp_path / "dp2" / "checkpoints").iterdir():
+        if folder.name != "final_model" and read_trainer_state(folder)["step"] > 4:
+            shutil.rmtree(folder)
+    for name, layout, nproc in (("dp1", "model.seed=1234", 1), ("tp2", "model.tensor_model_parallel_size=2", 2)):
+        shutil.copytree(tmp_path / "dp2" / "checkpoints", tmp_path / name / "checkpoints")
+        got = losses_by_step(run_in_pool(dist_pool, tmp_path / name, *RESUME_ONLY, sharded, layout, nproc=nproc))
+        assert sorted(got) == [5, 6, 7, 8]
+        for step in got:
+            assert got[step] == pytest.approx(saving_run[step], abs=1e-6), (name, step)

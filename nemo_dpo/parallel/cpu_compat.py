@@ -38,6 +38,11 @@ from megatron.core.tensor_parallel import random as megatron_random
 from torch.overrides import TorchFunctionMode
 
 _MODE: "_CudaToCpuMode | None" = None
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float16: "torch.cuda.HalfTensor",
+}
 
 
 def _is_cuda_device(device) -> bool:
@@ -59,6 +64,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizer checks parameters against CUDA type names.
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

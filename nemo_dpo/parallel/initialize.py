@@ -81,7 +81,8 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
-        create_gloo_process_groups=has_accelerator(),
+        # The distributed optimizer asks for the gloo data-parallel group, on every device.
+        create_gloo_process_groups=True,
     )
     set_seed(seed)
 

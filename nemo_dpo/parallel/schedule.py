@@ -13,25 +13,25 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
-def wrap_data_parallel(model_chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
-    """Wrap chunks in megatron-core DDP (fp32 gradient buffers, reduced at the end of a step).
+def wrap_data_parallel(model_chunks: list[torch.nn.Module],
+                       ddp_config: DistributedDataParallelConfig | None = None) -> list[DistributedDataParallel]:
+    """Wrap chunks in megatron-core DDP; ``ddp_config`` must be the optimizer's (see ``OptimizerSettings``).
 
     Gradients accumulate over micro-batches in ``param.main_grad`` and are
-    averaged over the data-parallel group by ``finalize_model_grads`` when the
-    schedule finishes; embeddings tied across pipeline stages are summed there too.
+    averaged (or, for the distributed optimizer, reduce-scattered) over the
+    data-parallel group by ``finalize_model_grads`` when the schedule finishes;
+    embeddings tied across pipeline stages are summed there too. The default:
+    fp32 gradient buffers, all-reduced once per step, for a replicated optimizer.
     """
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=False,
-    )
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     wrapped = [
         DistributedDataParallel(
             config=chunk.config,
             ddp_config=ddp_config,
             module=chunk,
-            # Buckets would only matter with overlapped reduction.
-            disable_bucketing=True,
+            # Buckets matter only when reduction overlaps the backward pass or has a size cap.
+            disable_bucketing=not ddp_config.overlap_grad_reduce and ddp_config.bucket_size is None,
         )
         for chunk in model_chunks
     ]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
+from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture, precision_dtype
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
-from nemo_dpo.optim.optimizer import check_optimizer_config
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import check_schedule_config
+
+log = logging.getLogger(__name__)
 
 # The repository's conf/ folder (next to the package in a source checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -53,8 +57,13 @@ def validate_config(cfg: DictConfig) -> None:
     """Refuse, before any work, unknown keys and the ``model.dpo`` / ``model.optim`` values that cannot work."""
     check_config_keys(cfg)
     DPOSettings.from_config(cfg.model.get("dpo"))
-    optim = check_optimizer_config(cfg.model.optim)
-    check_schedule_config(cfg.model.optim.get("sched"), optim["lr"])
+    params_dtype = precision_dtype(cfg.model.precision)
+    optim = OptimizerSettings.from_config(cfg.model.optim, params_dtype)
+    check_schedule_config(cfg.model.optim.get("sched"), optim.lr)
+    if params_dtype is torch.bfloat16 and cfg.model.get("megatron_amp_O2", True) is False:
+        # NeMo's O1 (fp32 weights, bf16 autocast) is not implemented; O2 is the closer and leaner one.
+        log.warning("model.megatron_amp_O2=False: bf16 runs use O2 here (bf16 weights and compute, fp32 master "
+                    "weights in the optimizer)")
 
 
 def check_config_keys(cfg: DictConfig, reference: DictConfig | None = None) -> None:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.algorithms.dpo import compute_max_steps
 from nemo_dpo.checkpoint.training_checkpoint import load_training_checkpoint, read_trainer_state
-from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
+from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture, precision_dtype
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.parallel.collectives import is_rank0
@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> Path:
     train_dl = build_train_dataloader(model_cfg, train_ds, consumed_samples=trainer_state["consumed_samples"])
     val_dl = build_val_dataloader(model_cfg, val_ds)
 
-    optimizer = build_optimizer(model.model, model_cfg.optim)
+    optimizer = build_optimizer(model.model, model_cfg.optim, precision_dtype(model_cfg.precision))
     max_steps = compute_max_steps(cfg.trainer.dpo, train_dl.batch_sampler)
     scheduler = build_scheduler(optimizer, model_cfg.optim.get("sched"), max_steps)
     if resume_from:

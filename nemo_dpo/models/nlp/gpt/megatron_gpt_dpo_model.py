@@ -25,7 +25,9 @@ from nemo_dpo.losses import (
     reward_metrics,
     split_chosen_rejected,
 )
+from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.parallel.collectives import broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
@@ -125,7 +127,11 @@ class MegatronGPTDPOModel:
             raise ValueError("model.dpo.log_prob_chunk_size does not support sequence_parallel yet")
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
-        self.model = wrap_data_parallel(model_chunks)
+        # DDP's gradient buffers and reduction must match what the optimizer expects.
+        optim_cfg = cfg.get("optim")
+        params_dtype = precision_dtype(cfg.get("precision", 32))
+        ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
+        self.model = wrap_data_parallel(model_chunks, ddp_config)
         self.ref_policy_state_dict = self._snapshot_weights()
 
     # ----------------------------------------------------------------- weights
