@@ -3,7 +3,7 @@
 A measured step is what ``DPOTrainer`` does with one global batch: the reference
 policy's log-probs (``get_ref_policy_logprobs``, a forward-only pass with the
 frozen weights swapped in), then ``prepare_for_training_step``,
-``get_loss_and_metrics(forward_only=False)`` and ``ReplicatedAdamW.step``. The
+``get_loss_and_metrics(forward_only=False)`` and the optimizer step (megatron-core's, as in training). The
 two phases are timed separately. MFU divides the model FLOP/s by a matrix-multiply
 ceiling measured in the same run, on the same ranks and threads.
 
@@ -33,8 +33,9 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from omegaconf import OmegaConf
 
 from nemo_dpo.data.collate import dpo_custom_collate
+from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_dpo.optim.optimizer import ReplicatedAdamW
+from nemo_dpo.optim.optimizer import MegatronAdamW, build_optimizer
 from nemo_dpo.parallel.device import accelerator_device
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
 
@@ -50,7 +51,7 @@ MARKDOWN_HEADER = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model (rmsnorm, swiglu, rope, no biases, untied output layer, fp32)")
+    model = parser.add_argument_group("model (rmsnorm, swiglu, rope, no biases, untied output layer)")
     model.add_argument("--num-layers", type=int, default=4)
     model.add_argument("--hidden-size", type=int, default=256)
     model.add_argument("--ffn-hidden-size", type=int, default=1024)
@@ -62,6 +63,10 @@ def parse_args() -> argparse.Namespace:
                      help="longest prompt+response; each side is drawn between half of it and all of it")
     run.add_argument("--global-batch-size", type=int, default=8, help="pairs per step, over all DP ranks")
     run.add_argument("--micro-batch-size", type=int, default=2, help="pairs per micro-batch")
+    run.add_argument("--precision", default="32", choices=["32", "bf16"],
+                     help="bf16: bf16 weights and compute, fp32 master weights in the optimizer")
+    run.add_argument("--optimizer", default="adamw", choices=["adamw", "distributed_fused_adam"],
+                     help="distributed_fused_adam shards master weights and Adam moments over DP ranks")
     run.add_argument("--tp", type=int, default=1)
     run.add_argument("--pp", type=int, default=1)
     run.add_argument("--steps", type=int, default=5, help="measured steps")
@@ -111,7 +116,8 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         encoder_seq_length=args.seq_length, normalization="rmsnorm", activation="swiglu",
         position_embedding_type="rope", bias=False, share_embeddings_and_output_weights=False,
-        make_vocab_size_divisible_by=128, precision=32,
+        make_vocab_size_divisible_by=128, precision=int(args.precision) if args.precision == "32" else args.precision,
+        optim=dict(name=args.optimizer, lr=1e-5, weight_decay=0.01),
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size),
     ))
@@ -190,7 +196,7 @@ def finish_phase(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: ReplicatedAdamW, batch: dict,
+def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: dict,
                    device: torch.device) -> tuple[float, float, float]:
     """One DPOTrainer step (augment_dataloader, then train_single_step); returns (ref s, train s, loss)."""
     start = finish_phase(device)
@@ -270,8 +276,9 @@ def main() -> None:
     if args.global_batch_size % (args.micro_batch_size * dp_size):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                          f"--micro-batch-size {args.micro_batch_size} x DP {dp_size}")
-    model = MegatronGPTDPOModel(model_config(args), args.vocab_size)
-    optimizer = ReplicatedAdamW(model.model, lr=1e-5, weight_decay=0.01)
+    cfg = model_config(args)
+    model = MegatronGPTDPOModel(cfg, args.vocab_size)
+    optimizer = build_optimizer(model.model, cfg.optim, precision_dtype(cfg.precision))
     total_params, matmul_params = parameter_counts(model)
 
     per_rank = args.global_batch_size // dp_size
@@ -304,6 +311,7 @@ def main() -> None:
     record = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=git_revision(), device=device_name(device), torch=torch.__version__,
+        precision=args.precision, optimizer=args.optimizer,
         megatron_core=megatron.core.__version__, world_size=dist.get_world_size(), threads_per_process=threads,
         tp=args.tp, pp=args.pp, dp=dp_size,
         model=dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
@@ -338,6 +346,7 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("1-min load average at start", f"{r['load_average_1min_at_start']:.2f}"),
         ("commit", r["commit"]),
         ("device", r["device"]),
+        ("precision, optimizer", f"{r['precision']}, {r['optimizer']}"),
         ("torch / megatron-core", f"{r['torch']} / {r['megatron_core']}"),
         ("processes x threads", f"{r['world_size']} x {r['threads_per_process']}"),
         ("layout", f"TP={r['tp']} PP={r['pp']} DP={r['dp']}"),
@@ -368,7 +377,8 @@ def report(record: dict, args: argparse.Namespace) -> None:
     if args.markdown:
         m = r["model"]
         cells = [
-            r["date"], r["commit"], r["device"], f"{r['world_size']} x {r['threads_per_process']}",
+            r["date"], r["commit"], f"{r['device']} ({r['precision']}, {r['optimizer']})",
+            f"{r['world_size']} x {r['threads_per_process']}",
             r["tp"], r["pp"], r["dp"],
             "/".join(str(m[k]) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                          "num_query_groups", "vocab_size")),
