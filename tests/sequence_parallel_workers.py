@@ -6,6 +6,7 @@ import warnings
 
 import torch
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 
 from dpo_workers import EOS, VOCAB, model_config
 from nemo_dpo.data.collate import dpo_custom_collate
@@ -14,10 +15,11 @@ from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 from nemo_dpo.training.trainer import sequence_length_multiple
 
 
-def _dpo_step(sequence_parallel: bool, chunk_size: int | None, micro_batch_size: int, items: list[dict]) -> dict:
+def _dpo_step(sequence_parallel: bool, chunk_size: int | None, micro_batch_size: int, items: list[dict],
+              model_overrides: dict) -> dict:
     """One backward of the DPO + SFT loss; the loss, per-token log-probs and every ``main_grad``."""
     cfg = model_config(micro_batch_size, len(items), log_prob_chunk_size=chunk_size, sft_loss_weight=0.5)
-    cfg.sequence_parallel = sequence_parallel
+    cfg = OmegaConf.merge(cfg, model_overrides, {"sequence_parallel": sequence_parallel})
     model = MegatronGPTDPOModel(cfg, VOCAB)
     config = model.model[0].config
     # The collate the trainer builds: padded to a multiple of TP under sequence parallelism.
@@ -39,10 +41,11 @@ def _dpo_step(sequence_parallel: bool, chunk_size: int | None, micro_batch_size:
                 metrics=metrics, logprobs=policy, grads=grads, norms_tagged=norms_tagged)
 
 
-def sequence_parallel_steps(tp: int, pp: int, micro_batch_size: int, items: list[dict], variants: list) -> dict:
+def sequence_parallel_steps(tp: int, pp: int, micro_batch_size: int, items: list[dict], variants: list,
+                            model_overrides: dict) -> dict:
     """``_dpo_step`` for each ``(sequence_parallel, chunk_size)`` variant, from the same initial weights."""
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    steps = {variant: _dpo_step(*variant, micro_batch_size, items) for variant in variants}
+    steps = {variant: _dpo_step(*variant, micro_batch_size, items, model_overrides) for variant in variants}
     return dict(tp=parallel_state.get_tensor_model_parallel_rank(), pp=parallel_state.get_pipeline_model_parallel_rank(),
                 steps=steps)
 

@@ -35,10 +35,18 @@ def assert_steps_equal(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got["grads"][name], grad, atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (2, 2, 4)], ids=str)
-def test_matches_run_without_sequence_parallel(dist_pool, tp, pp, world):
+# dpo_workers' model is Llama-like (RMSNorm, RoPE, no biases); this one has the other norm, biases
+# (RowParallelLinear's bias is also summed over TP under SP), learned positions, tied embeddings and q/k norms.
+GPT2_LIKE = dict(normalization="layernorm", activation="gelu", position_embedding_type="learned_absolute",
+                 share_embeddings_and_output_weights=True, bias=True, qk_layernorm=True)
+
+
+@pytest.mark.parametrize("tp,pp,world,model", [
+    (2, 1, 2, {}), (2, 1, 2, GPT2_LIKE), (2, 2, 4, {}),
+], ids=["tp2", "tp2-gpt2-like", "tp2-pp2"])
+def test_matches_run_without_sequence_parallel(dist_pool, tp, pp, world, model):
     items = odd_length_pairs(4)
-    results = dist_pool.run(world, sequence_parallel_steps, tp, pp, 2, items, VARIANTS)
+    results = dist_pool.run(world, sequence_parallel_steps, tp, pp, 2, items, VARIANTS, model)
     for result in results:
         steps = result["steps"]
         plain = steps[(False, None)]
