@@ -83,5 +83,6 @@ def gpt_block_spec(layer_spec: ModuleSpec, config: TransformerConfig, vp_stage: 
     """
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=_sequence_parallel_capable(transformer_block.LayerNormImpl),
+        # The module-wide default of the megatron this runs on (TENorm, apex or torch).
+        layer_norm=_sequence_parallel_capable(getattr(transformer_block, "LayerNormImpl", WrappedTorchNorm)),
     )
