@@ -15,23 +15,34 @@ this module exists for (checked against megatron-core 0.16.1):
 * ``tensor_parallel/random.py`` (activation recompute's ``CheckpointFunction``)
   saves and restores the CUDA RNG state through ``_get_cuda_rng_state`` and
   ``_set_cuda_rng_state``, which assert that torch was built with CUDA.
+* ``optimizer/`` (megatron's optimizer, the distributed one included) compares
+  ``param.type()`` with ``'torch.cuda.FloatTensor'`` and its bf16/fp16 names, and
+  allocates its norm and overflow buffers with ``device='cuda'``.
 
 On a machine without CUDA, :func:`enable_cpu_compat` installs, process-wide:
 
 * a :class:`torch.overrides.TorchFunctionMode` that rewrites any CUDA device
   argument (``"cuda"``, ``"cuda:N"``, ``torch.device("cuda")`` or a bare device
-  index) to ``"cpu"`` and turns ``Tensor.cuda()`` into a no-op;
+  index) to ``"cpu"``, turns ``Tensor.cuda()`` into a no-op and makes
+  ``Tensor.type()`` name the CUDA tensor type of the tensor's dtype;
 * ``torch.cuda.current_device`` returning 0 (an index the mode maps to CPU) and
   no-op ``torch.cuda.synchronize``;
+* the same mapping inside backward passes started with ``torch.autograd.backward``
+  (megatron's sequence-parallel linear layers allocate on the CUDA device there);
 * megatron's CUDA RNG state getter and setter reading and writing the CPU
-  generator, which is the one that draws "CUDA" tensors here.
+  generator, which is the one that draws "CUDA" tensors here, and
+  ``torch.cuda.get_rng_state``/``torch.cuda.manual_seed`` doing the same, so that
+  ``model_parallel_cuda_manual_seed`` can register the RNG tracker's states
+  (sequence parallelism draws its dropout masks inside ``tracker.fork()``).
 
 Nothing is patched when CUDA is available: on GPU the same calls reach the real
-CUDA runtime. The megatron optimizer is *not* covered (its grad clipping checks
-``grad.type() == 'torch.cuda.FloatTensor'``); see :mod:`nemo_dpo.optim`.
+CUDA runtime. (The distributed optimizer also needs megatron's gloo process
+groups, which :mod:`nemo_dpo.parallel.initialize` creates on every device.)
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from megatron.core.tensor_parallel import random as megatron_random
@@ -57,6 +68,9 @@ def _is_cuda_device(device) -> bool:
     return False
 
 
+_BACKWARD_ENTRY_POINTS = (torch.autograd.backward, torch.Tensor.backward, torch.autograd.grad)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of torch calls to CPU."""
 
@@ -67,6 +81,12 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # megatron's optimizer checks parameters against CUDA type names.
             return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if func in _BACKWARD_ENTRY_POINTS:
+            # A mode is off while its handler runs, so by default all of backward would run without
+            # it; megatron's backward passes allocate on torch.cuda.current_device() too (the
+            # sequence-parallel reduce-scatter buffers). Keep the mode on for them.
+            with self:
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -114,6 +134,11 @@ def _set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
     torch.set_rng_state(new_state)
 
 
+class _SameGeneratorWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def enable_cpu_compat() -> bool:
     """Install the CPU shim when CUDA is absent; idempotent. Returns whether it is active."""
     global _MODE
@@ -125,6 +150,11 @@ def enable_cpu_compat() -> bool:
         # CheckpointFunction looks these up in its module at call time.
         megatron_random._get_cuda_rng_state = _get_rng_state
         megatron_random._set_cuda_rng_state = _set_rng_state
+        # The RNG tracker's add() seeds and reads the CUDA generator directly.
+        torch.cuda.get_rng_state = _get_rng_state
+        torch.cuda.manual_seed = torch.manual_seed
+        # tracker.fork() warns when the CPU generator moved inside it, which here it always does.
+        logging.getLogger(megatron_random.__name__).addFilter(_SameGeneratorWarningFilter())
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
     return True

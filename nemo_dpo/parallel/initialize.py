@@ -97,8 +97,8 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if has_accelerator():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # The tracker's states exist on CPU too (through the CPU shim): sequence parallelism forks them.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_parallel() -> None:

@@ -58,7 +58,18 @@ def forward_backward(
     exchange activations of a fixed ``[seq_length, micro_batch_size, hidden]``
     shape. Returns, on the last pipeline stage, what ``forward_step_func``'s loss
     function reported for each micro-batch (an empty list elsewhere).
+
+    With sequence parallelism each TP rank holds ``seq_length / TP`` positions
+    (megatron divides the exchanged shape itself), so ``seq_length`` must be a
+    multiple of TP; checked here, before any stage waits on another.
     """
+    config = model_chunks[0].config
+    tp_size = config.tensor_model_parallel_size
+    if config.sequence_parallel and seq_length % tp_size:
+        raise ValueError(
+            f"sequence length {seq_length} is not a multiple of tensor_model_parallel_size={tp_size}, "
+            "which sequence parallelism needs: pad batches to a multiple of it (pad_length_to_multiple_of)"
+        )
     schedule = get_forward_backward_func()
     return schedule(
         forward_step_func=forward_step_func,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -15,7 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.models.nlp.gpt.architecture import NORMALIZATIONS, GPTArchitecture, precision_dtype
 from nemo_dpo.models.nlp.gpt.init import initialize_weights
-from nemo_dpo.models.nlp.gpt.layer_specs import gpt_layer_spec
+from nemo_dpo.models.nlp.gpt.layer_specs import gpt_block_spec, gpt_layer_spec
 from nemo_dpo.parallel.cpu_compat import transformer_config_overrides
 from nemo_dpo.parallel.device import accelerator_device
 
@@ -25,6 +27,7 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
     arch = GPTArchitecture.from_config(cfg)
     dtype = precision_dtype(cfg.get("precision", 32))
     gated = arch.gated_linear_unit
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     settings = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -42,10 +45,10 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
         hidden_dropout=cfg.get("hidden_dropout", 0.0),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         init_method_std=cfg.get("init_method_std", 0.02),
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-        sequence_parallel=bool(cfg.get("sequence_parallel", False)),
+        sequence_parallel=sequence_parallel_setting(cfg, tp_size),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
@@ -61,6 +64,22 @@ def transformer_config_from_cfg(cfg) -> TransformerConfig:
     )
     settings.update(transformer_config_overrides())
     return TransformerConfig(**settings)
+
+
+def sequence_parallel_setting(cfg, tp_size: int) -> bool:
+    """``model.sequence_parallel``, turned off with a warning without tensor parallelism (as NeMo does).
+
+    Sequence parallelism splits, over the TP ranks, the activations that tensor
+    parallelism replicates (norms, dropout, residuals); with one TP rank there is
+    nothing to split, and megatron refuses the setting.
+    """
+    value = cfg.get("sequence_parallel", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"model.sequence_parallel must be true or false, got {value!r}")
+    if value and tp_size == 1:
+        warnings.warn("model.sequence_parallel=True needs tensor_model_parallel_size >= 2; turned off")
+        return False
+    return value
 
 
 RECOMPUTE_GRANULARITIES = ("selective", "full")
@@ -121,7 +140,7 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
         stage = vp_stage if vp_size else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=gpt_block_spec(layer_spec, config, stage),
             vocab_size=padded,
             max_sequence_length=arch.max_sequence_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

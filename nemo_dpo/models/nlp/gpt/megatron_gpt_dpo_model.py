@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from nemo_dpo.losses import (
     get_preference_loss,
@@ -46,9 +47,21 @@ def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _output_layer_passes_hidden_states(gpt):
-    """Within: ``gpt`` returns its output layer's input ``[batch, seq, hidden]`` instead of logits."""
+    """Within: ``gpt`` returns its output layer's input ``[batch, seq, hidden]`` instead of logits.
+
+    Under sequence parallelism that input is this TP rank's slice of the
+    sequence; it is gathered first, as the output layer itself would. The
+    gather's backward keeps this rank's slice of the gradient, which the chunked
+    log-prob function has already summed over TP.
+    """
     layer = gpt.output_layer
-    layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+
+    def hidden_states(input_, weight=None, runtime_gather_output=None):
+        if layer.sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
+        return input_, None
+
+    layer.forward = hidden_states
     try:
         yield
     finally:
@@ -122,9 +135,6 @@ class MegatronGPTDPOModel:
         self.vocab_size = vocab_size
         self.dpo = DPOSettings.from_config(cfg.get("dpo"))
         self.preference_loss_fn = get_preference_loss(self.dpo.preference_loss)
-        if self.dpo.log_prob_chunk_size is not None and cfg.get("sequence_parallel", False):
-            # The output layer's input is then split over the sequence; not handled yet.
-            raise ValueError("model.dpo.log_prob_chunk_size does not support sequence_parallel yet")
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
         # DDP's gradient buffers and reduction must match what the optimizer expects.
