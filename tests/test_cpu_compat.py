@@ -25,12 +25,17 @@ def probe_shim():
     # Non-device arguments and CPU tensors pass through untouched.
     kept = torch.ones(2, dtype=torch.float64).to(torch.float16)
     assert torch.ones(2, device="meta").device.type == "meta"
-    return on_cpu, kept.dtype, cpu_compat.transformer_config_overrides()
+    # megatron's optimizer asks parameters for their CUDA type name; converting still converts.
+    type_names = [torch.ones(1, dtype=d).type() for d in (torch.float32, torch.bfloat16, torch.float16, torch.int64)]
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64
+    return on_cpu, kept.dtype, cpu_compat.transformer_config_overrides(), type_names
 
 
 def test_shim_maps_cuda_to_cpu(dist_pool):
-    on_cpu, dtype, overrides = dist_pool.run(1, probe_shim)[0]
+    on_cpu, dtype, overrides, type_names = dist_pool.run(1, probe_shim)[0]
     assert on_cpu
+    assert type_names == ["torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.HalfTensor",
+                          "torch.LongTensor"]
     assert dtype == torch.float16
     assert overrides["batch_p2p_comm"] is False
     assert overrides["gradient_accumulation_fusion"] is False

@@ -11,7 +11,7 @@ from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import build_scheduler
-from nemo_dpo.training.config import CONFIG_DIR, CONFIG_NAME, check_config_keys, compose_config
+from nemo_dpo.training.config import CONFIG_DIR, CONFIG_NAME, check_config_keys, compose_config, validate_config
 from test_train_gpt_dpo import run_in_pool
 from training_workers import poisoned_train_job
 
@@ -88,6 +88,19 @@ def test_unknown_keys_in_a_yaml_file_are_refused_like_command_line_ones(tmp_path
         check_config_keys(cfg)
     # Keys the code reads beyond the YAML (architecture, builder settings) are known.
     check_config_keys(compose_config(["++model.num_layers=2", "++model.init_method_std=0.01"]))
+
+
+def test_precision_outside_trainer_and_model_never_leaves_a_run_in_fp32_silently(caplog):
+    # A root-level precision is not where NeMo reads it: refused, not a silent fp32 run.
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) precision"):
+        validate_config(compose_config(["+precision=bf16"]))
+    bf16 = compose_config(["trainer.precision=bf16-mixed"])
+    assert bf16.model.precision == "bf16-mixed"
+    with caplog.at_level(logging.WARNING, logger="nemo_dpo.training.config"):
+        validate_config(compose_config(["trainer.precision=bf16", "model.megatron_amp_O2=False"]))
+    assert "model.megatron_amp_O2=False: bf16 runs use O2 here" in caplog.text
+    with pytest.raises(ValueError, match="model.precision: fp16 .* is not supported; use bf16 or 32"):
+        validate_config(compose_config(["trainer.precision=16"]))
 
 
 @pytest.mark.parametrize("override,message", [
