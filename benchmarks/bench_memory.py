@@ -174,9 +174,11 @@ def layer_activation_bytes(shape: Shape, rows: int, seq: int, dtype_bytes: int, 
                            fused: bool = False) -> int:
     """Bytes one layer keeps for backward on one TP rank (see the derivation above).
 
-    ``fused=True`` is the variant for fused RMSNorm and SiLU kernels (one input in
-    the model's dtype and 1/rms per norm; SiLU keeping only its input, so 4 T f d
-    in the MLP): what CUDA kernels are expected to save, not measured here.
+    ``fused=True`` is the variant for fused kernels (transformer-engine, or an RMSNorm
+    whose gain has the model's dtype, keeping its input in that dtype and 1/rms; a
+    SiLU keeping only its input, so 4 T f d in the MLP): expected, not measured here.
+    Without it the norms keep fp32 tensors in bf16 too: megatron's torch-norm
+    fallback leaves the RMSNorm gains in fp32, so torch computes the norm in fp32.
     """
     h, f, a, g = shape.hidden, shape.ffn, shape.heads, shape.groups
     k, d, tokens = h // a, dtype_bytes, rows * seq
@@ -246,21 +248,18 @@ GPU_GIB = 80
 # step temporaries) take the rest.
 USABLE_FRACTION = 0.9
 
+_8B_LAYOUTS = (Layout(tp=1, dp=8, sharded_optimizer=True), Layout(tp=2, dp=4, sharded_optimizer=True), Layout(tp=8))
+_70B_NODE_LAYOUTS = (Layout(tp=8), Layout(tp=4, pp=2), Layout(tp=2, pp=4))
 PROJECTIONS = [
-    # (model name, shape, layout, recompute, chunk)
-    ("8B", LLAMA3_8B, Layout(tp=1, dp=8, sharded_optimizer=True), "selective", 2048),
-    ("8B", LLAMA3_8B, Layout(tp=1, dp=8, sharded_optimizer=True), "full", 2048),
-    ("8B", LLAMA3_8B, Layout(tp=1, dp=8, sharded_optimizer=False), "selective", 2048),
-    ("8B", LLAMA3_8B, Layout(tp=2, dp=4, sharded_optimizer=True), "selective", 2048),
+    # (model name, shape, layout, recompute, log-prob chunk); micro-batch 1 pair, seq 4096, bf16
+    *(("8B", LLAMA3_8B, layout, recompute, 2048) for layout in _8B_LAYOUTS for recompute in ("selective", "full")),
     ("8B", LLAMA3_8B, Layout(tp=2, dp=4, sharded_optimizer=True), "selective", None),
-    ("8B", LLAMA3_8B, Layout(tp=8, dp=1), "selective", 2048),
+    ("8B", LLAMA3_8B, Layout(tp=1, dp=8), "full", 2048),
     ("70B", LLAMA3_70B, Layout(tp=8), "selective", 2048),
-    ("70B", LLAMA3_70B, Layout(tp=8), "full", 2048),
-    ("70B", LLAMA3_70B, Layout(tp=4, pp=2), "full", 2048),
-    ("70B", LLAMA3_70B, Layout(tp=2, pp=4), "full", 2048),
+    *(("70B", LLAMA3_70B, layout, "full", 2048) for layout in _70B_NODE_LAYOUTS),
     # More than one node of 8:
-    ("70B", LLAMA3_70B, Layout(tp=8, pp=2, dp=1), "full", 2048),
-    ("70B", LLAMA3_70B, Layout(tp=8, pp=4, dp=1), "full", 2048),
+    ("70B", LLAMA3_70B, Layout(tp=8, pp=2), "full", 2048),
+    ("70B", LLAMA3_70B, Layout(tp=8, pp=4), "full", 2048),
     ("70B", LLAMA3_70B, Layout(tp=8, pp=2, dp=2, sharded_optimizer=True), "full", 2048),
     ("70B", LLAMA3_70B, Layout(tp=8, pp=2, dp=4, sharded_optimizer=True), "full", 2048),
 ]
@@ -284,7 +283,8 @@ def project(shape: Shape, layout: Layout, recompute: str, chunk: int | None, seq
     return dict(params_per_rank=params, static_gib=static["total"] / GIB, reference_gib=static["reference"] / GIB,
                 activations_gib=act["peak"] / GIB, activations_fused_gib=fused["peak"] / GIB,
                 total_gib=total / GIB, total_fused_gib=(static["total"] + fused["peak"]) / GIB,
-                fits=total <= budget, fits_host_reference=total - static["reference"] <= budget,
+                fits=total <= budget, fits_fused=static["total"] + fused["peak"] <= budget,
+                fits_host_reference=total - static["reference"] <= budget,
                 gpus=layout.tp * layout.pp * layout.dp)
 
 
@@ -314,16 +314,16 @@ CONFIGS = [
 ]
 
 
+# Model shape (RMSNorm, SwiGLU, RoPE, untied output layer) and batch: every sequence is exactly
+# seq_length tokens, one micro-batch of micro_batch_size pairs per step.
+SIZE_ARGUMENTS = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=4,
+                      vocab_size=32000, seq_length=512, micro_batch_size=2)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--ffn-hidden-size", type=int, default=768)
-    parser.add_argument("--num-attention-heads", type=int, default=8)
-    parser.add_argument("--num-query-groups", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--seq-length", type=int, default=512, help="every sequence is exactly this long")
-    parser.add_argument("--micro-batch-size", type=int, default=2, help="pairs per micro-batch (one per step)")
+    for flag, default in SIZE_ARGUMENTS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--only", nargs="*", help=f"configurations to run (default all): "
                                                   f"{' '.join(c.name for c in CONFIGS)}")
     parser.add_argument("--output", default=str(BENCH_DIR / "results" / "bench_memory.json"),
@@ -574,8 +574,7 @@ def run_worker(args: argparse.Namespace) -> None:
 def launch(config: Config, args: argparse.Namespace, result_dir: str) -> list[dict]:
     """Run ``config`` in fresh process(es) and return every rank's record."""
     script = [str(Path(__file__).resolve()), "--worker", config.name, "--result-dir", result_dir]
-    for flag in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "vocab_size", "seq_length", "micro_batch_size"):
+    for flag in SIZE_ARGUMENTS:
         script += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if config.procs == 1:
         command = [sys.executable, *script]
@@ -680,7 +679,7 @@ def projection_rows() -> list[dict]:
 def projection_table(rows: list[dict]) -> str:
     lines = ["| model | GPUs | TP | PP | DP | optimizer | recompute | log-probs | params/GPU | static GiB "
              "(of which reference) | activations GiB (fused kernels) | total GiB/GPU (fused kernels) "
-             "| fits 80 GB | fits, reference in host memory |", "|" + "---|" * 14]
+             "| fits 80 GB | fits with fused kernels | fits, reference in host memory |", "|" + "---|" * 15]
     yes_no = {True: "yes", False: "no"}
     for r in rows:
         lay = r["layout"]
@@ -690,7 +689,7 @@ def projection_table(rows: list[dict]) -> str:
             f"| {'chunk ' + str(r['chunk']) if r['chunk'] else 'whole'} | {r['params_per_rank'] / 1e9:.2f} B "
             f"| {r['static_gib']:.1f} ({r['reference_gib']:.1f}) | {r['activations_gib']:.1f} "
             f"({r['activations_fused_gib']:.1f}) | {r['total_gib']:.1f} ({r['total_fused_gib']:.1f}) "
-            f"| {yes_no[r['fits']]} | {yes_no[r['fits_host_reference']]} |"
+            f"| {yes_no[r['fits']]} | {yes_no[r['fits_fused']]} | {yes_no[r['fits_host_reference']]} |"
         )
     return "\n".join(lines)
 
