@@ -38,7 +38,9 @@ class TorchNorm:
             raise ValueError("zero-centred gamma is not supported by the torch norms")
         if config.normalization not in _TORCH_NORMS:
             raise ValueError(f"normalization {config.normalization!r} is not one of {sorted(_TORCH_NORMS)}")
-        norm = _TORCH_NORMS[config.normalization](hidden_size, eps=eps)
+        # In the model's dtype: an fp32 gain would make every bf16 norm keep fp32 activations
+        # and miss torch's fused kernel (megatron's own fallback leaves it fp32).
+        norm = _TORCH_NORMS[config.normalization](hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
