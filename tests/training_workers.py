@@ -45,3 +45,40 @@ def export_hf(checkpoint: str, out: str) -> None:
     from nemo_dpo.interop.export_cli import main
 
     main(["--checkpoint", checkpoint, "--out", out])
+
+
+def config_file_train_job(config_dir: str, config_name: str, overrides: list[str]) -> dict | None:
+    """``python examples/train_gpt_dpo.py --config-path <config_dir> --config-name <config_name> *overrides``.
+
+    Returns (rank 0) the metrics, the warnings logged and the policy's parameter dtypes by name.
+    """
+    import logging
+
+    from nemo_dpo.training import run as run_module
+
+    dtypes: dict[str, str] = {}
+    build_optimizer = run_module.build_optimizer
+
+    def spy(chunks, *args, **kwargs):
+        dtypes.update((name, str(p.dtype)) for chunk in chunks for name, p in chunk.named_parameters())
+        return build_optimizer(chunks, *args, **kwargs)
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    run_module.build_optimizer = spy
+    try:
+        log_dir = train(compose_config(overrides, config_dir=config_dir, config_name=config_name))
+    finally:
+        run_module.build_optimizer = build_optimizer
+        logging.getLogger().removeHandler(handler)
+    if not is_rank0():
+        return None
+    return {"metrics": read_metrics(log_dir), "warnings": handler.messages, "dtypes": dtypes}

@@ -4,7 +4,7 @@
 are its steps, usable one by one.
 """
 
-from nemo_dpo.training.config import check_config_keys, compose_config, validate_config
+from nemo_dpo.training.config import check_config_keys, compose_config, fill_defaults, prepare_config, validate_config
 from nemo_dpo.training.data import (
     DATA_IMPLS,
     DEFAULT_DATA_DIR,
@@ -30,8 +30,10 @@ __all__ = [
     "check_config_keys",
     "check_data_impl",
     "compose_config",
+    "fill_defaults",
     "load_pretrained_model",
     "log_dir_of",
+    "prepare_config",
     "resume_checkpoint",
     "train",
     "validate_config",

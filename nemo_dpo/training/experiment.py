@@ -13,8 +13,8 @@ from nemo_dpo.utils.metrics_logger import MetricsLogger
 
 
 def log_dir_of(exp: DictConfig) -> Path:
-    """``explicit_log_dir``, else ``exp_dir/name``."""
-    return Path(exp.explicit_log_dir or Path(exp.exp_dir) / exp.name)
+    """``explicit_log_dir``, else ``exp_dir/name`` (``exp_dir`` null: ``results``; ``name`` null: ``gpt_dpo``)."""
+    return Path(exp.get("explicit_log_dir") or Path(exp.get("exp_dir") or "results") / (exp.get("name") or "gpt_dpo"))
 
 
 def resume_checkpoint(exp: DictConfig, checkpoint_dir: Path) -> Path | None:
@@ -49,4 +49,4 @@ def build_checkpoint_callback(exp: DictConfig, log_dir: Path, model, optimizer, 
 
 def build_logger(exp: DictConfig, log_dir: Path) -> MetricsLogger:
     """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger``."""
-    return MetricsLogger(log_dir, use_tensorboard=exp.create_tensorboard_logger)
+    return MetricsLogger(log_dir, use_tensorboard=exp.get("create_tensorboard_logger", True))

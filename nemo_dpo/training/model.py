@@ -23,7 +23,7 @@ def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object,
     model_cfg = cfg.model
     pretrained = cfg.pretrained_checkpoint
     source = open_pretrained(
-        pretrained.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=model_cfg.tokenizer.path,
+        pretrained.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=(model_cfg.get("tokenizer") or {}).get("path"),
         trust_pickled_objects=pretrained.get("trust_pickled_objects", False),
     )
     with open_dict(model_cfg):

@@ -14,7 +14,7 @@ from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.parallel.collectives import is_rank0
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
-from nemo_dpo.training.config import validate_config
+from nemo_dpo.training.config import prepare_config
 from nemo_dpo.training.data import build_dataset, build_train_dataloader, build_val_dataloader, check_data_impl
 from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
 from nemo_dpo.training.model import load_pretrained_model
@@ -30,7 +30,8 @@ def train(cfg: DictConfig) -> Path:
     already started) and tears them down at the end. Metrics land in
     ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
     """
-    validate_config(cfg)  # refused before any work starts
+    # Refused before any work starts; a NeMo Aligner config gets our defaults for the keys it lacks.
+    prepare_config(cfg)
     check_data_impl(cfg.model.data)
     # megatron-core reports its DDP buckets parameter by parameter at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> Path:
         ParallelLayout(
             model_cfg.tensor_model_parallel_size,
             model_cfg.pipeline_model_parallel_size,
-            model_cfg.virtual_pipeline_model_parallel_size,
+            model_cfg.get("virtual_pipeline_model_parallel_size"),
         ),
         seed=model_cfg.seed,
     )

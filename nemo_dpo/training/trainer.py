@@ -43,5 +43,5 @@ def build_trainer(cfg: DictConfig, model, tokenizer, optimizer, scheduler, train
         collate_fn=collate_fn,
         logger=logger,
         ckpt_callback=ckpt_callback,
-        run_timer=RunTimer(cfg.trainer.max_time),
+        run_timer=RunTimer(cfg.trainer.get("max_time")),
     )
