@@ -2,6 +2,7 @@
 
     python examples/train_gpt_dpo.py                                   # embedded default, one process
     torchrun --nproc-per-node 2 examples/train_gpt_dpo.py model.tensor_model_parallel_size=2
+    srun python examples/train_gpt_dpo.py trainer.num_nodes=2 trainer.devices=8 ...  # Slurm, see train_gpt_dpo.sbatch
     python examples/train_gpt_dpo.py pretrained_checkpoint.restore_from_path=/path/to/model \\
         model.data.data_prefix.train=train.jsonl model.data.data_prefix.validation=val.jsonl
 

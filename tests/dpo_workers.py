@@ -14,6 +14,7 @@ from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRa
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.optim.optimizer import build_optimizer
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import CosineAnnealing
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 from nemo_dpo.utils.metrics_logger import MetricsLogger
@@ -55,22 +56,50 @@ def model_config(micro_batch_size: int, global_batch_size: int, precision=32, op
     ))
 
 
+class NeMoStyleBatchSampler:
+    """The attributes NeMo's Megatron batch samplers have (no ``steps_per_epoch``), over one of ours."""
+
+    def __init__(self, sampler):
+        self._sampler = sampler
+        for key in ("total_samples", "consumed_samples", "micro_batch_size", "global_batch_size",
+                    "data_parallel_rank", "data_parallel_size", "drop_last"):
+            setattr(self, key, getattr(sampler, key))
+        self.pad_samples_to_global_batch_size = False
+
+    def __len__(self):
+        return len(self._sampler)
+
+    def __iter__(self):
+        return iter(self._sampler)
+
+
 def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
               items: list[dict], log_dir: str, dpo_overrides: dict | None = None, precision=32,
-              optim: dict | None = None) -> dict:
+              optim: dict | None = None, nemo_style: bool = False) -> dict:
     """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics.
 
-    Every rank also returns its optimizer-state bytes (``state_bytes``).
+    Every rank also returns its optimizer-state bytes (``state_bytes``; None for a torch optimizer).
+    ``nemo_style``: what NeMo Aligner code passes instead of ours: a plain
+    ``torch.optim.AdamW`` over the model's parameters and a sampler without ``steps_per_epoch``.
     """
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
     cfg = model_config(micro_batch_size, global_batch_size, precision, optim, **(dpo_overrides or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
-    optimizer = build_optimizer(model.model, cfg.optim, precision_dtype(precision))
-    scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=5e-4, warmup_steps=1)
+    if nemo_style:
+        settings = OptimizerSettings.from_config(cfg.optim, precision_dtype(precision))
+        params = [param for chunk in model.model for param in chunk.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                      weight_decay=settings.weight_decay)
+    else:
+        optimizer = build_optimizer(model.model, cfg.optim, precision_dtype(precision))
+    scheduler = CosineAnnealing(getattr(optimizer, "optimizer", optimizer), max_steps=steps, min_lr=5e-4,
+                                warmup_steps=1)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler_args = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                         data_parallel_rank=dp_rank, data_parallel_size=dp_size)
     train_sampler = MegatronPretrainingRandomBatchSampler(len(items), 0, seed=3, **sampler_args)
+    if nemo_style:
+        train_sampler = NeMoStyleBatchSampler(train_sampler)
     val_sampler = MegatronPretrainingBatchSampler(len(items) - 4, 0, **sampler_args)
     trainer = DPOTrainer(
         cfg=OmegaConf.create(dict(max_epochs=100, max_steps=steps, val_check_interval=steps, save_interval=0,
@@ -83,7 +112,7 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
         logger=MetricsLogger(log_dir, use_tensorboard=False), ckpt_callback=None, run_timer=RunTimer(None),
     )
     trainer.fit()
-    result = {"state_bytes": optimizer.state_bytes()}
+    result = {"state_bytes": None if nemo_style else optimizer.state_bytes()}
     if torch.distributed.get_rank() == 0:
         result["records"] = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
     return result

@@ -82,3 +82,95 @@ def config_file_train_job(config_dir: str, config_name: str, overrides: list[str
     if not is_rank0():
         return None
     return {"metrics": read_metrics(log_dir), "warnings": handler.messages, "dtypes": dtypes}
+
+
+def nemo_aligner_script_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
+    """NeMo Aligner's own ``train_gpt_dpo.py`` (imports renamed) run on our config; rank 0's metrics."""
+    from nemo_aligner_train_gpt_dpo import main
+
+    main(compose_config([f"exp_manager.explicit_log_dir={log_dir}", *overrides]))
+    return read_metrics(log_dir) if is_rank0() else None
+
+
+def api_page_example(overrides: list[str]) -> dict:
+    """The usage example of NeMo Aligner's API page, with ``nemo_aligner`` replaced by ``nemo_dpo``."""
+    from functools import partial
+
+    from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
+    from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
+    from nemo_dpo.data.nlp.builders import build_dataloader, build_train_valid_test_dpo_datasets, identity_collate
+    from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+    from nemo_dpo.utils.distributed import Timer
+    from nemo_dpo.utils.train_script_utils import (
+        CustomLoggerWrapper,
+        add_custom_checkpoint_callback,
+        extract_optimizer_scheduler_from_ptl_model,
+        init_using_ptl,
+        resolve_and_create_trainer,
+    )
+    from nemo_dpo.utils.utils import load_from_nemo
+
+    class RecordingLogger:
+        def __init__(self):
+            self.records = []
+
+        def log_metrics(self, metrics, step):
+            self.records.append({"step": step, **metrics})
+
+    cfg = compose_config(overrides)
+    trainer = resolve_and_create_trainer(cfg, "dpo")
+    model_cfg, path = cfg.model, str(DEFAULT_MODEL_DIR)
+    # --- the API page's example from here on
+    model = load_from_nemo(MegatronGPTDPOModel, model_cfg, trainer, restore_path=path)
+    train_ds, val_ds, test_ds = build_train_valid_test_dpo_datasets(
+        cfg=model_cfg, data_prefix=model_cfg.data.data_prefix, data_impl="jsonl", splits_string=None,
+        train_valid_test_num_samples=[-1, -1, -1], seq_length=model_cfg.data.seq_length, seed=model_cfg.seed,
+        tokenizer=model.tokenizer,
+    )
+    train_dl = build_dataloader(cfg, train_ds, 0, model_cfg.micro_batch_size, model_cfg.global_batch_size,
+                                collate_fn=identity_collate)
+    val_dl = build_dataloader(cfg, val_ds, 0, model_cfg.micro_batch_size, model_cfg.global_batch_size,
+                              collate_fn=identity_collate, use_random_sampler=False)
+    test_dl = None
+    init_using_ptl(trainer, model, train_dl, train_ds)
+    optimizer, scheduler = extract_optimizer_scheduler_from_ptl_model(model)
+    recorder = RecordingLogger()
+    logger, ckpt_callback, timer = CustomLoggerWrapper([recorder]), add_custom_checkpoint_callback(trainer, model), Timer(None)
+
+    dpo_trainer = DPOTrainer(cfg=cfg.trainer.dpo, model=model, optimizer=optimizer,
+        scheduler=scheduler, train_dataloader=train_dl, val_dataloader=val_dl,
+        test_dataloader=test_dl, collate_fn=partial(dpo_custom_collate, eos_id=model.tokenizer.eos_id),
+        logger=logger, ckpt_callback=ckpt_callback, run_timer=timer)
+    dpo_trainer.fit()                       # epochs, validation, checkpoints
+    val_loss, val_metrics = dpo_trainer.run_validation()
+    return dict(records=recorder.records, val_loss=val_loss, val_metrics=val_metrics, eos_id=model.tokenizer.eos_id,
+                state=dpo_trainer.state_dict(), test_ds=test_ds)
+
+
+def slurm_process_group(slurm_env: dict) -> dict:
+    """Start the process group as an ``srun`` task would, from ``slurm_env`` and ``SLURM_PROCID``/``LOCALID`` = rank.
+
+    The pool's own group and launch variables are put aside first (and the
+    environment restored after), so only the Slurm variables can be read.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    from nemo_dpo.parallel.initialize import init_process_group
+
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    saved = dict(os.environ)
+    try:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        os.environ.update(slurm_env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+        init_process_group()
+        total = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(total)
+        return dict(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
+                    addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"], total=total.item())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

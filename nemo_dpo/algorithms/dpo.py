@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from nemo_dpo.data.collate import dpo_custom_collate
+from nemo_dpo.optim.torch_optimizer import step_torch_optimizer
 from nemo_dpo.parallel.collectives import all_gather_objects, all_reduce, barrier, is_rank0
 
 __all__ = ["DPOTrainer", "NonFiniteLossError", "compute_max_steps", "dpo_custom_collate"]
@@ -51,9 +52,20 @@ def _drop_sampler_padding(batch: dict) -> dict:
             for key, value in batch.items()}
 
 
+def sampler_steps_per_epoch(batch_sampler) -> int:
+    """Global batches in an epoch: the sampler's ``steps_per_epoch``, or for a NeMo-style
+    sampler (``total_samples``, ``global_batch_size``, ``drop_last``) the count NeMo's own
+    samplers give, ``total_samples // global_batch_size``, rounded up when ``drop_last`` is off."""
+    steps = getattr(batch_sampler, "steps_per_epoch", None)
+    if steps is not None:
+        return steps
+    total, batch = batch_sampler.total_samples, batch_sampler.global_batch_size
+    return total // batch if getattr(batch_sampler, "drop_last", True) else -(-total // batch)
+
+
 def steps_per_epoch(cfg, train_batch_sampler) -> int:
     """Training steps in one epoch, after ``limit_train_batches`` (``cfg`` is ``trainer.dpo``)."""
-    return _limit_batches(train_batch_sampler.steps_per_epoch, cfg.get("limit_train_batches", 1.0))
+    return _limit_batches(sampler_steps_per_epoch(train_batch_sampler), cfg.get("limit_train_batches", 1.0))
 
 
 def compute_max_steps(cfg, train_batch_sampler) -> int:
@@ -71,6 +83,9 @@ class DPOTrainer:
     ``limit_train_batches``, ``limit_val_batches``, ``gradient_clip_val``.
     Dataloaders yield lists of dataset items; ``collate_fn`` turns one global
     batch into tensors and ``augment_dataloader`` adds the reference log-probs.
+    ``optimizer`` is ours (:class:`~nemo_dpo.optim.optimizer.MegatronAdamW`) or a
+    plain ``torch.optim`` optimizer over the model's parameters; the training
+    loader's batch sampler ours or NeMo's (without ``steps_per_epoch``).
     """
 
     def __init__(self, cfg, model, optimizer, scheduler, train_dataloader, val_dataloader,
@@ -116,7 +131,11 @@ class DPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         success, grad_norm = False, math.nan
         if math.isfinite(loss):
-            success, grad_norm, _ = self.optimizer.step(clip_grad=self.cfg.get("gradient_clip_val", 0.0))
+            clip_grad = self.cfg.get("gradient_clip_val", 0.0)
+            if isinstance(self.optimizer, torch.optim.Optimizer):  # a plain torch optimizer, as NeMo scripts pass
+                success, grad_norm, _ = step_torch_optimizer(self.optimizer, clip_grad)
+            else:
+                success, grad_norm, _ = self.optimizer.step(clip_grad=clip_grad)
         if not success:
             if not self.cfg.get("skip_nonfinite_steps", False):
                 samples = self._global_sample_indices(global_batch)

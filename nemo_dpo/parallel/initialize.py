@@ -45,23 +45,79 @@ class ParallelLayout:
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Start torch.distributed: NCCL on GPU, gloo on CPU.
 
-    Without torchrun's environment variables this becomes a one-process group, so
-    scripts and tests run unchanged as a plain ``python`` process.
+    Rank, world size and rendezvous come from :func:`launch_environment`
+    (torchrun's variables, else Slurm's under ``srun``); without either this
+    becomes a one-process group, so scripts and tests run unchanged as a plain
+    ``python`` process.
     """
     if dist.is_initialized():
         return
+    launch = launch_environment()
+    # What torchrun would have set: megatron-core and later code read these.
+    for key, value in launch.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     select_local_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if has_accelerator() else "gloo"
     dist.init_process_group(
         backend=backend,
-        rank=rank,
-        world_size=world_size,
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+
+
+def launch_environment(env=None) -> dict[str, str]:
+    """``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` of this process's launch.
+
+    torchrun's variables win when present (an empty dict: nothing to add). Under
+    Slurm (``srun python ...``), as PyTorch Lightning's launcher does: rank, local
+    rank and world size from ``SLURM_PROCID``, ``SLURM_LOCALID`` and
+    ``SLURM_NTASKS``, the rendezvous host the first node of
+    ``SLURM_JOB_NODELIST`` and the port ``MASTER_PORT``, else one derived from
+    ``SLURM_JOB_ID`` (the same on every node of a job). An interactive
+    allocation (``SLURM_JOB_NAME`` bash or interactive) counts as no launch.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_NTASKS" not in env or "SLURM_PROCID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return {}
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    job_id = env.get("SLURM_JOB_ID", "")
+    default_port = 15000 + int(job_id[-4:]) if job_id[-4:].isdigit() else 12910
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(default_port),
+    }
+
+
+def launch_world_size() -> int:
+    """Processes in this run: the started group's size, else what the launcher's variables say (1 alone)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    launch = launch_environment()
+    return int(launch.get("WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``node[01-03,07],gpu5`` -> ``node01`` (no ``scontrol`` needed)."""
+    depth, end = 0, len(nodelist)
+    for index, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    entry = nodelist[:end].strip()
+    while "[" in entry:  # each bracket group contributes its first value (zero padding kept)
+        prefix, _, rest = entry.partition("[")
+        ranges, _, suffix = rest.partition("]")
+        entry = prefix + ranges.split(",")[0].split("-")[0] + suffix
+    return entry
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

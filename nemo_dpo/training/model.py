@@ -12,6 +12,44 @@ from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 
 
+def check_peft(model_cfg: DictConfig) -> None:
+    """Refuse parameter-efficient fine-tuning (``model.peft``): only full fine-tuning is supported yet."""
+    peft = model_cfg.get("peft") or {}
+    scheme = peft.get("peft_scheme") or "none"
+    if scheme != "none" or peft.get("restore_from_path") is not None:
+        raise NotImplementedError(
+            f"model.peft.peft_scheme={scheme!r}: LoRA / PEFT is not supported yet; use peft_scheme: none "
+            "(full fine-tuning) and restore_from_path: null"
+        )
+
+
+def open_checkpoint(restore_path, tokenizer_path=None, trust_pickled_objects: bool = False):
+    """The ``PretrainedSource`` at ``restore_path`` (the embedded default model when null)."""
+    return open_pretrained(restore_path or DEFAULT_MODEL_DIR, tokenizer_path=tokenizer_path,
+                           trust_pickled_objects=trust_pickled_objects)
+
+
+def merge_checkpoint_config(model_cfg: DictConfig, source) -> None:
+    """Merge the checkpoint's architecture and vocabulary size into ``model_cfg``, in place (checkpoint wins)."""
+    with open_dict(model_cfg):
+        model_cfg.merge_with(source.architecture)
+        model_cfg.vocab_size = source.vocab_size
+
+
+def load_model_from_source(model_cls, model_cfg: DictConfig, source):
+    """``model_cls`` (``MegatronGPTDPOModel`` or a subclass) over ``source``'s weights, with ``.tokenizer`` set.
+
+    ``model_cfg`` gets the checkpoint's architecture first. Collective: call on
+    every rank after ``initialize_parallel``.
+    """
+    merge_checkpoint_config(model_cfg, source)
+    chunks = build_gpt_model(model_cfg, source.vocab_size)
+    source.load_weights(chunks)
+    model = model_cls(model_cfg, source.vocab_size, model_chunks=chunks)
+    model.tokenizer = source.load_tokenizer()
+    return model
+
+
 def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object, Path]:
     """``(model, tokenizer, tokenizer_dir)`` from ``pretrained_checkpoint.restore_from_path``.
 
@@ -20,16 +58,8 @@ def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object,
     into ``cfg.model`` in place, as NeMo's ``load_and_override_model_config``
     does. Collective: call on every rank after ``initialize_parallel``.
     """
-    model_cfg = cfg.model
     pretrained = cfg.pretrained_checkpoint
-    source = open_pretrained(
-        pretrained.restore_from_path or DEFAULT_MODEL_DIR, tokenizer_path=(model_cfg.get("tokenizer") or {}).get("path"),
-        trust_pickled_objects=pretrained.get("trust_pickled_objects", False),
-    )
-    with open_dict(model_cfg):
-        model_cfg.merge_with(source.architecture)
-        model_cfg.vocab_size = source.vocab_size
-    chunks = build_gpt_model(model_cfg, source.vocab_size)
-    source.load_weights(chunks)
-    model = MegatronGPTDPOModel(model_cfg, source.vocab_size, model_chunks=chunks)
-    return model, source.load_tokenizer(), source.tokenizer_dir
+    source = open_checkpoint(pretrained.restore_from_path, (cfg.model.get("tokenizer") or {}).get("path"),
+                             pretrained.get("trust_pickled_objects", False))
+    model = load_model_from_source(MegatronGPTDPOModel, cfg.model, source)
+    return model, model.tokenizer, source.tokenizer_dir

@@ -13,14 +13,57 @@ from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture, precision_dtyp
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
 from nemo_dpo.parallel.collectives import is_rank0
-from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
+from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel, launch_world_size
 from nemo_dpo.training.config import prepare_config
 from nemo_dpo.training.data import build_dataset, build_train_dataloader, build_val_dataloader, check_data_impl
 from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
-from nemo_dpo.training.model import load_pretrained_model
+from nemo_dpo.training.model import check_peft, load_pretrained_model
 from nemo_dpo.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
+
+
+def check_launch_size(trainer_cfg: DictConfig, world_size: int | None = None) -> None:
+    """Refuse ``trainer.num_nodes`` x ``trainer.devices`` that differ from the processes the launcher started.
+
+    Both left at their defaults (1 and 1) means "whatever torchrun or srun
+    started", so one config serves any launch; ``devices`` of -1 or "auto" too.
+    ``world_size`` defaults to the launch's (:func:`launch_world_size`).
+    """
+    nodes, devices = trainer_cfg.get("num_nodes", 1), trainer_cfg.get("devices", 1)
+    if (nodes, devices) == (1, 1) or devices in (-1, "auto"):
+        return
+    world_size = launch_world_size() if world_size is None else world_size
+    if not (isinstance(nodes, int) and isinstance(devices, int)) or nodes * devices != world_size:
+        raise ValueError(
+            f"trainer.num_nodes={nodes} x trainer.devices={devices} does not match the {world_size} process(es) "
+            "started (torchrun --nnodes/--nproc-per-node, or srun's tasks); make them agree or leave both at 1"
+        )
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Everything refused before work starts: keys and values, data format, launch size, PEFT.
+
+    A NeMo Aligner config gets our defaults for the keys it lacks (in place).
+    """
+    prepare_config(cfg)
+    check_data_impl(cfg.model.data)
+    check_launch_size(cfg.trainer)
+    check_peft(cfg.model)
+
+
+def start_parallel(model_cfg: DictConfig) -> None:
+    """torch.distributed and megatron-core's groups in ``model``'s TP/PP layout, RNGs seeded by ``model.seed``."""
+    # megatron-core reports its DDP buckets parameter by parameter at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    initialize_parallel(
+        ParallelLayout(
+            model_cfg.tensor_model_parallel_size,
+            model_cfg.pipeline_model_parallel_size,
+            model_cfg.get("virtual_pipeline_model_parallel_size"),
+        ),
+        seed=model_cfg.seed,
+    )
 
 
 def train(cfg: DictConfig) -> Path:
@@ -30,20 +73,9 @@ def train(cfg: DictConfig) -> Path:
     already started) and tears them down at the end. Metrics land in
     ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
     """
-    # Refused before any work starts; a NeMo Aligner config gets our defaults for the keys it lacks.
-    prepare_config(cfg)
-    check_data_impl(cfg.model.data)
-    # megatron-core reports its DDP buckets parameter by parameter at INFO.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    check_run_config(cfg)  # refused before any work starts
     model_cfg = cfg.model
-    initialize_parallel(
-        ParallelLayout(
-            model_cfg.tensor_model_parallel_size,
-            model_cfg.pipeline_model_parallel_size,
-            model_cfg.get("virtual_pipeline_model_parallel_size"),
-        ),
-        seed=model_cfg.seed,
-    )
+    start_parallel(model_cfg)
     exp = cfg.exp_manager
     log_dir = log_dir_of(exp)
     # After the process group is up: rank 0 picks the checkpoint for every rank.

@@ -130,6 +130,9 @@ class MegatronGPTDPOModel:
         model_chunks: already built (e.g. imported) chunks; built from ``cfg`` if None.
     """
 
+    # The tokenizer (``eos_id``, ``text_to_ids``...), set where a checkpoint is loaded; None when built bare.
+    tokenizer = None
+
     def __init__(self, cfg, vocab_size: int, model_chunks=None):
         self.cfg = cfg
         self.vocab_size = vocab_size
