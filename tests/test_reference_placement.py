@@ -148,8 +148,9 @@ def reference_with_param_buffer(placement: str) -> dict:
         config=gpt.config, module=gpt, disable_bucketing=True,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
     )
-    tokens = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(12).expand_as(tokens)
+    device = next(ddp.parameters()).device
+    tokens = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(12, device=device).expand_as(tokens)
     with torch.no_grad():
         initial_logits = ddp(tokens, positions, None)
         reference = ReferencePolicy([ddp], placement)
