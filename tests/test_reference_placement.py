@@ -21,7 +21,7 @@ def _policy_state(model) -> dict:
     }
 
 
-def reference_after_training(placement: str, model_overrides: dict, dpo_overrides: dict) -> dict:
+def reference_after_training(placement: str, model_overrides: dict, dpo_overrides: dict, pp: int = 1) -> dict:
     """Train one step, then compare the reference pass with a fresh model holding the initial weights."""
     from omegaconf import OmegaConf
 
@@ -31,7 +31,7 @@ def reference_after_training(placement: str, model_overrides: dict, dpo_override
     from nemo_dpo.optim.optimizer import ReplicatedAdamW
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
-    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    initialize_parallel(ParallelLayout(1, pp), seed=0)
     cfg = model_config(2, 4, ref_policy_placement=placement, **dpo_overrides)
     cfg = OmegaConf.merge(cfg, model_overrides)
     model = MegatronGPTDPOModel(cfg, VOCAB)
@@ -88,23 +88,29 @@ def reference_after_training(placement: str, model_overrides: dict, dpo_override
     )
 
 
-# placement, model overrides, model.dpo overrides, modules brought in one by one
+# placement, model overrides, model.dpo overrides, modules brought in one by one (per rank), PP
 CASES = {
-    "device": ("device", {}, {}, 0),
+    "device": ("device", {}, {}, 0, 1),
     # embedding, 2 layers, final norm
-    "cpu": ("cpu", {}, {}, 4),
+    "cpu": ("cpu", {}, {}, 4, 1),
     # Chunked log-probs read the output layer's weight outside its forward; a tied
     # weight is used by the embedding and the output layer: both whole-pass, so
     # the embedding (its only parameter tied) is not a unit.
-    "cpu-chunked-tied": ("cpu", {"share_embeddings_and_output_weights": True}, {"log_prob_chunk_size": 5}, 3),
-    "device-bf16": ("device", {"precision": "bf16"}, {}, 0),
+    "cpu-chunked-tied": ("cpu", {"share_embeddings_and_output_weights": True}, {"log_prob_chunk_size": 5}, 3, 1),
+    "device-bf16": ("device", {"precision": "bf16"}, {}, 0, 1),
+    # A stage holds the embedding and layer 0, the other layer 1 and the final norm.
+    "cpu-pp2": ("cpu", {}, {}, 2, 2),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_is_the_initial_weights_and_leaves_the_policy_intact(dist_pool, case):
-    placement, model_overrides, dpo_overrides, units = CASES[case]
-    (r,) = dist_pool.run(1, reference_after_training, placement, model_overrides, dpo_overrides)
+    placement, model_overrides, dpo_overrides, units, pp = CASES[case]
+    for r in dist_pool.run(pp, reference_after_training, placement, model_overrides, dpo_overrides, pp):
+        check_reference_run(r, placement, units)
+
+
+def check_reference_run(r: dict, placement: str, units: int) -> None:
     assert r["placement"] == placement
     assert r["updated"]
     assert r["step0_equal"]
