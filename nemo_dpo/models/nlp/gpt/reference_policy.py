@@ -205,6 +205,8 @@ class ReferencePolicy:
             tensors = ([self._tensors[i] for i in whole] if self._copier is None
                        else self._copier.finish(self._stage(whole)))
             whole_policy = self._put_in(whole, tensors)
+            if self._units:  # the first module's copy, ahead of the first forward
+                self._staged[0] = self._stage(self._units[0][1])
             for unit, (module, _) in enumerate(self._units):
                 handles.append(module.register_forward_pre_hook(self._pre_hook(unit)))
                 handles.append(module.register_forward_hook(self._post_hook(unit), always_call=True))
