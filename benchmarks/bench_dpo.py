@@ -4,7 +4,10 @@ A measured step is what ``DPOTrainer`` does with one global batch: the reference
 policy's log-probs (``get_ref_policy_logprobs``, a forward-only pass with the
 frozen weights swapped in), then ``prepare_for_training_step``,
 ``get_loss_and_metrics(forward_only=False)`` and the optimizer step (megatron-core's, as in training). The
-two phases are timed separately. MFU divides the model FLOP/s by a matrix-multiply
+two phases are timed separately. Each step also times, untimed in the step, a plain
+forward-only log-prob pass with the policy's own weights on the same batch
+(``get_logprob_batch``): the reference forward over it is the cost of where the
+reference lives (``--ref-placement``, ``model.dpo.ref_policy_placement``). MFU divides the model FLOP/s by a matrix-multiply
 ceiling measured in the same run, on the same ranks and threads.
 
     python benchmarks/bench_dpo.py                                          # one process
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -71,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--pp", type=int, default=1)
     run.add_argument("--steps", type=int, default=5, help="measured steps")
     run.add_argument("--warmup-steps", type=int, default=2, help="full steps run before measuring")
+    run.add_argument("--ref-placement", choices=("auto", "device", "cpu"), default="auto",
+                     help="model.dpo.ref_policy_placement: where the frozen reference weights live")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per process (default: CPU cores / processes on this node)")
     run.add_argument("--output", default=str(BENCH_DIR / "results" / "bench_dpo.jsonl"),
@@ -119,7 +125,8 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         make_vocab_size_divisible_by=128, precision=int(args.precision) if args.precision == "32" else args.precision,
         optim=dict(name=args.optimizer, lr=1e-5, weight_decay=0.01),
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size),
+        dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size,
+                 ref_policy_placement=args.ref_placement),
     ))
 
 
@@ -197,20 +204,34 @@ def finish_phase(device: torch.device) -> float:
 
 
 def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: dict,
-                   device: torch.device) -> tuple[float, float, float]:
-    """One DPOTrainer step (augment_dataloader, then train_single_step); returns (ref s, train s, loss)."""
+                   device: torch.device, plain_first: bool) -> tuple[float, float, float, float]:
+    """One DPOTrainer step (augment_dataloader, then train_single_step) and a plain policy forward.
+
+    The plain forward-only log-prob pass (policy weights, same batch) runs before
+    or after the reference pass (``plain_first``; alternate it so neither order
+    is favoured) and is not part of the step. Returns (plain forward s, ref s, train s, loss).
+    """
+    def plain_forward() -> float:
+        start = finish_phase(device)
+        model.get_logprob_batch(batch)
+        return finish_phase(device) - start
+
+    plain_s = plain_forward() if plain_first else 0.0
     start = finish_phase(device)
     logprobs = model.get_ref_policy_logprobs(batch)
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = logprobs.chunk(2)
-    ref_done = finish_phase(device)
+    ref_s = finish_phase(device) - start
+    if not plain_first:
+        plain_s = plain_forward()
+    start = finish_phase(device)
     optimizer.zero_grad()
     model.prepare_for_training_step()
     loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
     updated, grad_norm, _ = optimizer.step(clip_grad=1.0)
-    train_done = finish_phase(device)
+    train_s = finish_phase(device) - start
     if not updated:
         raise RuntimeError(f"non-finite gradient norm {grad_norm}: the benchmark would time a skipped update")
-    return ref_done - start, train_done - ref_done, loss
+    return plain_s, ref_s, train_s, loss
 
 
 def matmul_ceiling(device: torch.device, repeats: int = 5) -> tuple[float, str]:
@@ -283,16 +304,17 @@ def main() -> None:
 
     per_rank = args.global_batch_size // dp_size
     dp_rank = parallel_state.get_data_parallel_rank()
-    ref_times, train_times, shapes = [], [], []
+    policy_forward_times, ref_times, train_times, shapes = [], [], [], []
     ref_flops = train_flops = 0.0
     for step in range(args.warmup_steps + args.steps):
         # Every rank draws the same global batch (same seed), so TP/PP ranks agree and
         # every layout sees the same data; each DP rank keeps its slice.
         items = synthetic_pairs(args.global_batch_size, args.seq_length, args.vocab_size, seed=step)
         batch = dpo_custom_collate(items[dp_rank * per_rank:(dp_rank + 1) * per_rank], eos_id=EOS)
-        ref_s, train_s, loss = timed_dpo_step(model, optimizer, batch, device)
+        policy_s, ref_s, train_s, loss = timed_dpo_step(model, optimizer, batch, device, plain_first=step % 2 == 0)
         if step < args.warmup_steps:
             continue
+        policy_forward_times.append(policy_s)
         ref_times.append(ref_s)
         train_times.append(train_s)
         shape = batch_shape(items, dp_size)
@@ -324,13 +346,18 @@ def main() -> None:
         real_tokens_per_s=real / elapsed,
         processed_tokens_per_s=processed / elapsed,
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
-        ref_share=sum(ref_times) / elapsed, ref_flops_share=ref_flops / (ref_flops + train_flops),
+        ref_share=sum(ref_times) / elapsed,
+        ref_placement=model.reference_policy.placement, ref_placement_requested=args.ref_placement,
+        # Medians: one slow step (a busy machine) does not decide the ratio.
+        ref_over_policy_forward=statistics.median(ref_times) / statistics.median(policy_forward_times),
+        ref_forward_s_median=statistics.median(ref_times),
+        policy_forward_s_median=statistics.median(policy_forward_times), ref_flops_share=ref_flops / (ref_flops + train_flops),
         peak_memory_bytes_per_rank=int(peak_memory),
         memory_measure="torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
         model_flops_per_step=(ref_flops + train_flops) / args.steps, model_flops_per_s=model_flops_per_s,
         ceiling_flops_per_s=ceiling, ceiling=ceiling_kind, mfu=model_flops_per_s / ceiling,
         last_loss=loss, load_average_1min_at_start=load_average,
-        step_times_ref_s=ref_times, step_times_train_s=train_times,
+        step_times_ref_s=ref_times, step_times_policy_forward_s=policy_forward_times, step_times_train_s=train_times,
         step_processed_tokens=[s["processed"] for s in shapes],
     )
     if dist.get_rank() == 0:
@@ -360,6 +387,10 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("s/step mean / min / max", f"{r['step_s_mean']:.3f} / {r['step_s_min']:.3f} / {r['step_s_max']:.3f}"),
         ("reference-forward share of step time", f"{r['ref_share']:.1%}"),
         ("reference-forward share of model FLOPs", f"{r['ref_flops_share']:.1%}"),
+        ("reference placement (requested)", f"{r['ref_placement']} ({r['ref_placement_requested']})"),
+        ("reference / plain policy forward, median s",
+         f"{r['ref_forward_s_median']:.4f} / {r['policy_forward_s_median']:.4f}"),
+        ("reference over plain policy forward (medians)", f"{r['ref_over_policy_forward']:.2f}x"),
         (f"peak memory per rank ({r['memory_measure']})", f"{r['peak_memory_bytes_per_rank'] / 2**20:,.0f} MiB"),
         ("model FLOPs per step (padded tokens)", f"{r['model_flops_per_step'] / 1e9:,.1f} G"),
         ("model FLOP/s", f"{r['model_flops_per_s'] / 1e9:,.2f} G"),

@@ -18,9 +18,10 @@ from training_workers import config_file_train_job
 
 NEMO_DIR = Path(__file__).parent / "fixtures" / "nemo_aligner"
 NEMO_YAML = NEMO_DIR / "gpt_dpo.yaml"
-# What a user must give: where to log, and the data (the model: the embedded default, as restore_from_path is null).
+# What a user must give: the data, and the launch size (the YAML says 8 nodes x 8 GPUs; the test
+# starts one process). The model: the embedded default, as restore_from_path is null.
 MUST_GIVE = [f"model.data.data_prefix={{train: {DEFAULT_DATA_DIR / 'train.jsonl'}, "
-             f"validation: {DEFAULT_DATA_DIR / 'validation.jsonl'}}}"]
+             f"validation: {DEFAULT_DATA_DIR / 'validation.jsonl'}}}", "trainer.num_nodes=1", "trainer.devices=1"]
 
 
 def nemo_config(*overrides: str, log_dir="/tmp/unused"):
@@ -41,8 +42,8 @@ def test_nemo_aligner_yaml_runs_three_steps_in_bf16(dist_pool, tmp_path):
                  "exp_manager.create_checkpoint_callback=False"]  # sizes for a test; not needed to run
     result = dist_pool.run(1, config_file_train_job, str(NEMO_DIR), "gpt_dpo", overrides)[0]
     assert len([r for r in result["metrics"] if "train/loss" in r]) == 3
-    # trainer.precision: bf16, not an fp32 fallback (torch's norm fallback keeps its weights in fp32).
-    fp32 = {name for name, dtype in result["dtypes"].items() if dtype != "torch.bfloat16" and "norm" not in name}
+    # trainer.precision: bf16, not an fp32 fallback.
+    fp32 = {name for name, dtype in result["dtypes"].items() if dtype != "torch.bfloat16"}
     assert not fp32 and "torch.bfloat16" in result["dtypes"].values(), fp32
     warned = [m for m in result["warnings"] if "no effect in nemo-dpo" in m]
     assert warned and all("\n" not in m for m in result["warnings"])

@@ -59,4 +59,4 @@ def retrieve_model_state_dict_in_cpu(model, megatron_amp_O2: bool = True) -> dic
 
     ``megatron_amp_O2`` has no effect: the copy is in the layout the model itself uses.
     """
-    return model._snapshot_weights()
+    return {name: weight.to("cpu", copy=True) for name, weight in model.reference_policy.policy_state_dict().items()}

@@ -4,9 +4,10 @@ Mirrors NeMo Aligner's class of the same name. A micro-batch of ``B`` pairs is
 one forward of ``2B`` rows (all chosen, then all rejected). Per-token log-probs
 come from the vocab-parallel, fp32, numerically stable log-softmax, once per
 forward; the preference loss is a pure function of their masked per-sequence
-sums (or means). The reference policy is a frozen CPU copy of the initial
-weights swapped into the same modules, so policy and reference log-probs share
-one code path and are bitwise equal at step 0.
+sums (or means). The reference policy is a frozen copy of the initial weights
+(``ReferencePolicy``: on the device or in CPU memory, ``model.dpo.ref_policy_placement``)
+put into the same modules, so policy and reference log-probs share one code path
+and are bitwise equal at step 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nemo_dpo.losses import (
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.optim.settings import OptimizerSettings
+from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
 from nemo_dpo.parallel.collectives import broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
@@ -77,6 +79,8 @@ class DPOSettings:
     ``log_prob_forward_micro_batch_size`` the training micro-batch size.
     ``log_prob_chunk_size``: tokens whose logits exist at once (log-probs come
     from the output layer's input, chunk by chunk); ``None`` keeps whole logits.
+    ``ref_policy_placement``: where the frozen reference weights live (``auto``,
+    ``device``, ``cpu``; see ``reference_policy.py``).
     """
 
     ref_policy_kl_penalty: float = 0.3
@@ -88,6 +92,7 @@ class DPOSettings:
     sft_loss_weight: float = 0.0
     log_prob_forward_micro_batch_size: int | None = None
     log_prob_chunk_size: int | None = None
+    ref_policy_placement: str = "auto"
 
     def __post_init__(self):
         # Fails at start-up, listing the valid names, for an unknown loss.
@@ -104,6 +109,7 @@ class DPOSettings:
             size = getattr(self, key)
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
                 raise ValueError(f"model.dpo.{key}={size!r} must be a positive integer")
+        check_placement(self.ref_policy_placement)
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight cannot both be 0")
         if self.sft_average_log_probs is None:
@@ -145,32 +151,17 @@ class MegatronGPTDPOModel:
         params_dtype = precision_dtype(cfg.get("precision", 32))
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
-        self.ref_policy_state_dict = self._snapshot_weights()
+        self.reference_policy = ReferencePolicy(self.model, self.dpo.ref_policy_placement)
 
-    # ----------------------------------------------------------------- weights
-    def _named_parameters(self):
-        for index, chunk in enumerate(self.model):
-            for name, param in chunk.module.named_parameters():
-                yield f"{index}.{name}", param
+    @property
+    def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen reference weights by ``<chunk>.<parameter name>`` (where they live, not copies)."""
+        return self.reference_policy.state_dict()
 
-    @torch.no_grad()
-    def _snapshot_weights(self) -> dict[str, torch.Tensor]:
-        return {name: param.detach().to("cpu", copy=True) for name, param in self._named_parameters()}
-
-    @contextlib.contextmanager
-    def _reference_weights(self):
-        """Swap the frozen reference weights in (CPU -> device) and the policy's back out after."""
-        policy = self._snapshot_weights()
-        self._load_weights(self.ref_policy_state_dict)
-        try:
-            yield
-        finally:
-            self._load_weights(policy)
-
-    @torch.no_grad()
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        for name, param in self._named_parameters():
-            param.copy_(weights[name], non_blocking=True)
+    @ref_policy_state_dict.setter
+    def ref_policy_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        # NeMo Aligner scripts assign the reference this way.
+        self.reference_policy.load_state_dict(weights)
 
     # ----------------------------------------------------------------- forward
     def _forward_step_func(self, logprobs_only: bool):
@@ -292,8 +283,8 @@ class MegatronGPTDPOModel:
         )
 
     def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
-        """``get_logprob_batch`` with the frozen reference weights swapped in."""
-        with self._reference_weights():
+        """``get_logprob_batch`` with the frozen reference weights put in the policy's place."""
+        with self.reference_policy.active():
             return self.get_logprob_batch(batch)
 
     def get_reduced_masked_logps(self, logps, labels, cu_seqlens=None, average_log_probs=False):
