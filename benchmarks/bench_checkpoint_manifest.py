@@ -31,7 +31,8 @@ from nemo_dpo.checkpoint import dist_ckpt
 from nemo_dpo.checkpoint.integrity import MANIFEST
 from nemo_dpo.checkpoint.training_checkpoint import save_training_checkpoint
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_dpo.optim.optimizer import ReplicatedAdamW
+from nemo_dpo.optim.optimizer import MegatronAdamW
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
 
 RESULT = Path(__file__).resolve().parent / "results" / "checkpoint_manifest.json"
@@ -56,7 +57,7 @@ def build(args: argparse.Namespace):
         make_vocab_size_divisible_by=128, precision=32, micro_batch_size=1, global_batch_size=1,
     ))
     model = MegatronGPTDPOModel(cfg, args.vocab_size)
-    optimizer = ReplicatedAdamW(model.model, lr=1e-5)
+    optimizer = MegatronAdamW(model.model, OptimizerSettings(lr=1e-5))
     optimizer.step()  # Adam moments exist after a step: the checkpoint holds them, as a real one does
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
     parameters = sum(p.numel() for chunk in model.model for p in chunk.parameters())

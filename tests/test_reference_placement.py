@@ -28,7 +28,8 @@ def reference_after_training(placement: str, model_overrides: dict, dpo_override
     from dpo_workers import EOS, VOCAB, model_config, synthetic_pairs
     from nemo_dpo.algorithms.dpo import dpo_custom_collate
     from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-    from nemo_dpo.optim.optimizer import ReplicatedAdamW
+    from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+    from nemo_dpo.optim.optimizer import build_optimizer
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
     initialize_parallel(ParallelLayout(1, pp), seed=0)
@@ -43,14 +44,9 @@ def reference_after_training(placement: str, model_overrides: dict, dpo_override
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = step0_reference.chunk(2)
     model.prepare_for_training_step()
     model.get_loss_and_metrics(batch, forward_only=False)
-    if cfg.get("precision", 32) == 32:
-        updated, _, _ = ReplicatedAdamW(model.model, lr=5e-2, weight_decay=0.0).step(clip_grad=1.0)
-    else:  # ReplicatedAdamW trains fp32 only: a plain in-place update instead
-        with torch.no_grad():
-            for chunk in model.model:
-                for param in chunk.parameters():
-                    param.sub_(0.05 * param.main_grad.sign().to(param.dtype))
-        updated = True
+    optimizer = build_optimizer(model.model, OmegaConf.create({"lr": 5e-2, "weight_decay": 0.0}),
+                                precision_dtype(cfg.get("precision", 32)))
+    updated, _, _ = optimizer.step(clip_grad=1.0)
 
     before = _policy_state(model)
     hooks_before = _hook_counts(model.model)
