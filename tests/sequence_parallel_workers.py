@@ -32,10 +32,11 @@ def _dpo_step(sequence_parallel: bool, chunk_size: int | None, micro_batch_size:
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = (policy + offset).chunk(2)
     model.prepare_for_training_step()
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
-    grads = {name: param.main_grad.detach().clone() for name, param in model._named_parameters()}
+    named = [(f"{index}.{name}", param) for index, chunk in enumerate(model.model)
+             for name, param in chunk.module.named_parameters()]
+    grads = {name: param.main_grad.detach().clone() for name, param in named}
     norms_tagged = all(
-        getattr(param, "sequence_parallel", False) == config.sequence_parallel
-        for name, param in model._named_parameters() if "norm" in name
+        getattr(param, "sequence_parallel", False) == config.sequence_parallel for name, param in named if "norm" in name
     )
     return dict(sequence_parallel=config.sequence_parallel, length=batch["chosen"].shape[1], loss=loss,
                 metrics=metrics, logprobs=policy, grads=grads, norms_tagged=norms_tagged)
