@@ -1,5 +1,6 @@
-"""Preference data: tokenizer, JSONL dataset, DPO collate and Megatron-style samplers."""
+"""Preference data: tokenizer, JSONL dataset, data_prefix blends, DPO collate and Megatron-style samplers."""
 
+from nemo_dpo.data.blending import DATA_PREFIX_KEY, BlendedDataset, DataPrefixError, split_data_prefix
 from nemo_dpo.data.collate import document_position_ids, dpo_custom_collate
 from nemo_dpo.data.jsonl import JsonlRecords, load_jsonl
 from nemo_dpo.data.preference_dataset import DPOModelDataset
@@ -14,6 +15,9 @@ from nemo_dpo.data.samplers import (
 from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer
 
 __all__ = [
+    "BlendedDataset",
+    "DATA_PREFIX_KEY",
+    "DataPrefixError",
     "DPOModelDataset",
     "HFTokenizer",
     "JsonlRecords",
@@ -28,5 +32,6 @@ __all__ = [
     "identity_collate",
     "load_jsonl",
     "load_tokenizer",
+    "split_data_prefix",
     "validate_record",
 ]

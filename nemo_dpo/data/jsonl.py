@@ -13,6 +13,8 @@ __all__ = ["JsonlRecords", "load_jsonl"]
 # Bytes read at a time while skipping the rest of an over-long line.
 _SKIP_CHUNK = 1 << 16
 _BOM = b"\xef\xbb\xbf"
+# The first bytes of a NumPy .npy file, such as NeMo Aligner's packed DPO data.
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class JsonlRecords(list):
@@ -67,12 +69,18 @@ def _lines(stream: BinaryIO, byte_limit: int | None) -> Iterator[tuple[int, int,
 
 def _decode(line: bytes, where: str, offset: int) -> str:
     try:
-        return line.decode("utf-8")
+        text = line.decode("utf-8")
     except UnicodeDecodeError as err:
         raise PreferenceDataError(
             f"{where}: invalid UTF-8 (byte 0x{line[err.start]:02x} at offset {err.start} of the line, "
-            f"{offset + err.start} of the file)"
+            f"{offset + err.start} of the file); JSONL data must be UTF-8 text, is this a binary file?"
         ) from None
+    if "\x00" in text:
+        raise PreferenceDataError(
+            f"{where}: a NUL byte at offset {text.index(chr(0))} of the line; JSONL data is text, "
+            "is this a binary file?"
+        )
+    return text
 
 
 def _parse(text: str, where: str):
@@ -104,6 +112,11 @@ def load_jsonl(path: str | Path, max_record_chars: int | None = None) -> JsonlRe
             if line is None:
                 too_long.append(line_number)
                 continue
+            if line_number == 1 and line.startswith(_NPY_MAGIC):
+                raise PreferenceDataError(
+                    f"{path}: a NumPy .npy file, not JSONL text (packed .npy data, model.data.data_impl="
+                    "packed_jsonl, is not supported yet)"
+                )
             if line_number == 1 and line.startswith(_BOM):  # editors on Windows write one
                 line, offset = line[len(_BOM) :], offset + len(_BOM)
             text = _decode(line, where, offset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from megatron.core import parallel_state
@@ -10,11 +11,16 @@ from torch.utils.data import DataLoader
 
 import nemo_dpo
 from nemo_dpo.data import (
+    BlendedDataset,
     DPOModelDataset,
     MegatronPretrainingBatchSampler,
     MegatronPretrainingRandomBatchSampler,
     build_dataloader,
+    split_data_prefix,
 )
+from nemo_dpo.parallel.collectives import is_rank0
+
+log = logging.getLogger(__name__)
 
 # Used for the splits when model.data.data_prefix names no training file.
 DEFAULT_DATA_DIR = Path(nemo_dpo.__file__).resolve().parent / "assets" / "default_data"
@@ -26,24 +32,35 @@ def check_data_impl(data_cfg: DictConfig) -> None:
     impl = data_cfg.get("data_impl", "jsonl")
     if impl in DATA_IMPLS:
         return
-    hint = "; packed data is not supported yet" if impl == "packed_jsonl" else ""
-    raise ValueError(f"model.data.data_impl={impl!r} is not supported{hint}; valid values: {list(DATA_IMPLS)}")
+    why = " yet (sequence packing is its own issue)" if impl == "packed_jsonl" else ""
+    raise ValueError(f"model.data.data_impl={impl!r} is not supported{why}; valid values: {list(DATA_IMPLS)}")
 
 
-def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | None:
-    """The ``split`` dataset (train, validation or test) of ``model.data``; None when it has no file.
+def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | BlendedDataset | None:
+    """The ``split`` dataset (train, validation or test) of ``model.data``; None when it has no data.
 
-    Without a training file, train and validation fall back to the embedded default data.
+    ``model.data.data_prefix`` takes NeMo Aligner's forms (see :mod:`nemo_dpo.data.blending`):
+    a path, a one-element list, a blend ``[w1, path1, w2, path2, ...]`` (a
+    :class:`BlendedDataset` seeded by ``model.seed``), or a dict of those per split.
+    Without training data, train and validation fall back to the embedded default data.
     """
     data_cfg = model_cfg.data
     check_data_impl(data_cfg)
-    path = data_cfg.data_prefix.get(split)
-    if path is None and data_cfg.data_prefix.get("train") is None and split != "test":
-        path = DEFAULT_DATA_DIR / f"{split}.jsonl"
-    if path is None:
+    data_prefix = data_cfg.get("data_prefix")
+    blend = split_data_prefix(data_prefix, split)
+    if blend is None and split != "test" and split_data_prefix(data_prefix, "train") is None:
+        blend = [(1.0, DEFAULT_DATA_DIR / f"{split}.jsonl")]
+    if blend is None:
         return None
     seq_length = data_cfg.seq_length or model_cfg.encoder_seq_length
-    return DPOModelDataset(model_cfg, tokenizer, split, path, None, None, seq_length, model_cfg.seed)
+    # A weight-0 file is checked but never drawn from, so it is not read.
+    used = [(weight, path) for weight, path in blend if weight > 0]
+    datasets = [
+        DPOModelDataset(model_cfg, tokenizer, split, path, None, None, seq_length, model_cfg.seed) for _, path in used
+    ]
+    if len(datasets) == 1:
+        return datasets[0]
+    return BlendedDataset(datasets, [weight for weight, _ in used], seed=model_cfg.seed)
 
 
 def _sampler_args(model_cfg: DictConfig, dataset, consumed_samples: int) -> dict:
@@ -66,6 +83,10 @@ def build_train_dataloader(model_cfg: DictConfig, dataset, consumed_samples: int
 
 
 def build_val_dataloader(model_cfg: DictConfig, dataset) -> DataLoader:
-    """Global batches in dataset order, the last one padded."""
+    """Global batches in dataset order, the last one padded; no batches (and a warning) without a dataset."""
+    if dataset is None:
+        if is_rank0():
+            log.warning("no validation data (model.data.data_prefix.validation is null): training without validation")
+        return DataLoader([], batch_sampler=[])
     sampler = MegatronPretrainingBatchSampler(**_sampler_args(model_cfg, dataset, 0))
     return build_dataloader(dataset, sampler, num_workers=model_cfg.data.num_workers)
