@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from training_workers import config_file_train_job
 
 NEMO_DIR = Path(__file__).parent / "fixtures" / "nemo_aligner"
 NEMO_YAML = NEMO_DIR / "gpt_dpo.yaml"
+NEMO_FORMAT_DATA = Path(__file__).parent / "data" / "nemo_aligner_dpo.jsonl"
 # What a user must give: the data, and the launch size (the YAML says 8 nodes x 8 GPUs; the test
 # starts one process). The model: the embedded default, as restore_from_path is null.
 MUST_GIVE = [f"model.data.data_prefix={{train: {DEFAULT_DATA_DIR / 'train.jsonl'}, "
@@ -119,10 +121,9 @@ def test_a_typo_fails_at_once_with_the_closest_key(override, suggestion):
     assert f"(did you mean {suggestion}?)" in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_nemo_aligner_functional_test_overrides_compose_and_validate(tmp_path):
-    """tests/functional/dpo.sh (with test_cases/dpo-llama3's extra key), applied literally."""
-    data = DEFAULT_DATA_DIR / "train.jsonl"
-    cfg = compose_config([
+def functional_test_overrides(data: Path, log_dir: Path) -> list[str]:
+    """tests/functional/dpo.sh (with test_cases/dpo-llama3's extra key) applied literally; its defaults filled in."""
+    return [
         "trainer.num_nodes=1", "trainer.devices=2", "++model.data.seq_length=128", "++model.global_batch_size=4",
         "++model.micro_batch_size=1", "++model.mcore_gpt=true", "++model.megatron_amp_O2=true",
         "++model.dpo.ref_policy_kl_penalty=0.1", "++model.dpo.log_prob_forward_micro_batch_size=1",
@@ -132,16 +133,26 @@ def test_nemo_aligner_functional_test_overrides_compose_and_validate(tmp_path):
         "exp_manager.create_checkpoint_callback=False", "model.data.num_workers=2",
         "++model.tensor_model_parallel_size=1", "++model.pipeline_model_parallel_size=1",
         "trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "trainer.dpo.limit_val_batches=8",
-        "trainer.dpo.save_interval=0", f"exp_manager.explicit_log_dir={tmp_path}",
+        "trainer.dpo.save_interval=0", f"exp_manager.explicit_log_dir={log_dir}",
         "++model.activations_checkpoint_granularity=full", "++model.activations_checkpoint_method=uniform",
         "++model.activations_checkpoint_num_layers=1", "++model.dist_ckpt_load_strictness=log_all",
         "++model.data.data_impl=jsonl",
-    ], config_dir=NEMO_DIR, config_name="gpt_dpo")
+    ]
+
+
+def test_nemo_aligner_functional_test_overrides_train_three_steps(dist_pool, tmp_path):
+    """Its torchrun of 2 processes, on NeMo Aligner-format JSONL given as {train: [path], ...}."""
+    overrides = functional_test_overrides(NEMO_FORMAT_DATA, tmp_path)
+    cfg = compose_config(overrides, config_dir=NEMO_DIR, config_name="gpt_dpo")
     prepare_config(cfg)
     # average_log_probs (read by NeMo Aligner neither) and dist_ckpt_* are warned about, then dropped.
     assert "average_log_probs" not in cfg.model.dpo and "dist_ckpt_load_strictness" not in cfg.model
     assert cfg.model.dpo.ref_policy_kl_penalty == 0.1 and cfg.model.activations_checkpoint_granularity == "full"
     assert cfg.model.precision == "bf16" and cfg.model.dpo.log_prob_chunk_size is None  # our default filled in
+    result = dist_pool.run(2, config_file_train_job, str(NEMO_DIR), "gpt_dpo", overrides)[0]
+    losses = [r["train/loss"] for r in result["metrics"] if "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert any("val/loss" in r for r in result["metrics"])
 
 
 def test_ref_policy_kl_penalty_has_one_default():
