@@ -62,3 +62,31 @@ def test_packed_logprobs_equal_each_sequence_alone(dist_pool, tp, pp, world):
     assert max(out["packs"]) > 1  # pairs do share rows
     real = torch.arange(out["padded"].shape[1])[None] < (out["lengths"][:, None] - 1)
     torch.testing.assert_close(out["packed"][real], out["padded"][real], rtol=0, atol=1e-6)
+
+
+LN2_FP32 = float(torch.tensor(2.0).log())
+PACKED = dict(packing=True, pack_tokens=40)  # two or three pairs a pack: a varying number of micro-batches
+
+
+@pytest.mark.parametrize("tp,pp,world", [(1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2)], ids=str)
+def test_packed_step0_loss_is_ln2_and_acc_0(dist_pool, tp, pp, world):
+    for out in dist_pool.run(world, step0_logprobs, tp, pp, 2, synthetic_pairs(8, seed=1), None, 32, PACKED):
+        assert torch.equal(out["policy"], out["reference"])  # bitwise
+        assert out["loss"] == LN2_FP32 and out["metrics"]["acc"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def unpacked_run(dist_pool, tmp_path_factory):
+    items = synthetic_pairs(19, seed=5)
+    return items, dist_pool.run(1, train_dpo, 1, 1, 2, 8, 5, items, str(tmp_path_factory.mktemp("unpacked")))[0]
+
+
+@pytest.mark.parametrize("tp,pp,world", [(1, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 2)], ids=str)
+def test_packed_training_equals_unpacked(dist_pool, unpacked_run, tmp_path, tp, pp, world):
+    items, expected = unpacked_run
+    got = dist_pool.run(world, train_dpo, tp, pp, 2, 8, 5, items, str(tmp_path), None, 32, None, False, PACKED)[0]
+    for key in ("train/loss", "train/acc", "train/sft_loss", "train/rewards_chosen_mean", "train/rewards_all_std",
+                "train/grad_norm", "val/loss", "val/acc"):
+        want = [r[key] for r in expected["records"] if key in r]
+        assert len(want) == (1 if key.startswith("val") else 5)
+        assert [r[key] for r in got["records"] if key in r] == pytest.approx(want, abs=1e-5), key
