@@ -44,6 +44,18 @@ def _split_rows(batch: dict, start: int, stop: int) -> dict:
     return {key: value[start:stop] for key, value in batch.items() if torch.is_tensor(value)}
 
 
+def _trim_to_longest(batch: dict, multiple: int) -> dict:
+    """A padded micro-batch cut to its longest sequence (rounded up to ``multiple``) instead of the batch's."""
+    width = batch["chosen"].shape[1]
+    longest = int(torch.cat([batch["chosen_length"], batch["rejected_length"]]).max())
+    length = min(width, -(-longest // multiple) * multiple)
+    if length == width:
+        return batch
+    # Per-token log-probs (reference) are one column shorter than the tokens.
+    return {key: value[:, :length - (value.shape[1] < width)] if value.dim() == 2 else value
+            for key, value in batch.items()}
+
+
 def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
     return torch.cat((batch[chosen_key], batch[rejected_key]), dim=0)
 
@@ -336,16 +348,28 @@ class MegatronGPTDPOModel:
             # micro-batch keeps the fixed activation shape pipelines need.
             micro_batch_size = 1
         micro_batches = [_split_rows(batch, i, i + micro_batch_size) for i in range(0, pairs, micro_batch_size)]
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1 and "chosen_length" in batch:
+            # Each micro-batch to its own longest row (pipelines need one shape per step).
+            multiple = self._length_multiple()
+            micro_batches = [_trim_to_longest(mb, multiple) for mb in micro_batches]
         data = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
         return forward_backward(
             self.model,
             self._forward_step_func(logprobs_only),
             data,
             num_microbatches=len(micro_batches),
-            seq_length=batch["chosen"].shape[1],
+            seq_length=max(mb["chosen"].shape[1] for mb in micro_batches),
             micro_batch_size=2 * micro_batch_size,
             forward_only=forward_only,
         ), None
+
+    def _length_multiple(self) -> int:
+        """What rows are padded to a multiple of: ``pad_length_to_multiple_of``, and TP under sequence parallelism."""
+        config = self.model[0].config
+        multiple = self.packing.length_multiple
+        if config.sequence_parallel:
+            multiple = math.lcm(multiple, config.tensor_model_parallel_size)
+        return multiple
 
     def _run_packed_schedule(self, batch: dict, forward_only: bool, logprobs_only: bool):
         """Pack this rank's pairs into micro-batches of one row of at most ``pack_tokens`` tokens and run them.
@@ -360,10 +384,7 @@ class MegatronGPTDPOModel:
         decreasing leaves at most one pack half full or less, so at most one pack
         carries more padding than tokens.
         """
-        config = self.model[0].config
-        multiple = self.packing.length_multiple
-        if config.sequence_parallel:
-            multiple = math.lcm(multiple, config.tensor_model_parallel_size)
+        multiple = self._length_multiple()
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         plan = pack_padded_batch(batch, self.packing.pack_tokens, multiple, common_length=pipelined)
         micro_batches = plan.micro_batches
@@ -429,7 +450,10 @@ class MegatronGPTDPOModel:
             # Back to the padded layout; padding positions hold 0.
             logprobs = plan.unpack_token_values([r["logprobs"].cpu() for r in reports])
         elif reports:
-            chosen, rejected = zip(*(split_chosen_rejected(r["logprobs"].cpu()) for r in reports))
+            # Micro-batches cut to their longest row come back padded with 0.
+            widths = [r["logprobs"].shape[1] for r in reports]
+            chosen, rejected = zip(*(split_chosen_rejected(
+                torch.nn.functional.pad(r["logprobs"].cpu(), (0, seq_length - 1 - w))) for r, w in zip(reports, widths)))
             logprobs = torch.cat([*chosen, *rejected])
         return broadcast(
             logprobs,
