@@ -48,9 +48,11 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
 
 
 def model_config(micro_batch_size: int, global_batch_size: int, precision=32, optim: dict | None = None,
-                 **dpo) -> OmegaConf:
+                 data: dict | None = None, **dpo) -> OmegaConf:
+    """``data``: ``model.data`` keys (e.g. ``packing``, ``pack_tokens``)."""
     return OmegaConf.create(dict(
         MODEL, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, precision=precision,
+        **({"data": data} if data else {}),
         optim={"name": "adamw", "lr": 5e-3, "weight_decay": 0.01, **(optim or {})},
         dpo=dict(ref_policy_kl_penalty=0.5, log_prob_forward_micro_batch_size=micro_batch_size, **dpo),
     ))
@@ -75,7 +77,7 @@ class NeMoStyleBatchSampler:
 
 def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
               items: list[dict], log_dir: str, dpo_overrides: dict | None = None, precision=32,
-              optim: dict | None = None, nemo_style: bool = False) -> dict:
+              optim: dict | None = None, nemo_style: bool = False, data: dict | None = None) -> dict:
     """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics.
 
     Every rank also returns its optimizer-state bytes (``state_bytes``; None for a torch optimizer).
@@ -83,7 +85,7 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
     ``torch.optim.AdamW`` over the model's parameters and a sampler without ``steps_per_epoch``.
     """
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, global_batch_size, precision, optim, **(dpo_overrides or {}))
+    cfg = model_config(micro_batch_size, global_batch_size, precision, optim, data, **(dpo_overrides or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
     if nemo_style:
         settings = OptimizerSettings.from_config(cfg.optim, precision_dtype(precision))
@@ -119,10 +121,10 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
 
 
 def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], dpo: dict | None = None,
-                   precision=32) -> dict:
+                   precision=32, data: dict | None = None) -> dict:
     """Policy and reference per-token log-probs and metrics of the first batch, before any update."""
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, len(items), precision, **(dpo or {}))
+    cfg = model_config(micro_batch_size, len(items), precision, data=data, **(dpo or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     local = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]
@@ -160,3 +162,18 @@ def bf16_master_weights(steps: int, lr: float, items: list[dict]) -> dict:
     snapshots["model"] = [p.detach().clone() for p, _ in pairs]
     snapshots["master"] = [m.detach().clone() for _, m in pairs]
     return snapshots
+
+
+def padded_and_packed_logprobs(tp: int, pp: int, items: list[dict], pack_tokens: int) -> dict:
+    """One model's per-token log-probs of ``items``, unpacked (one sequence per row) and packed."""
+    from nemo_dpo.data.packing import pack_padded_batch
+    from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import PackingSettings
+
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    model = MegatronGPTDPOModel(model_config(1, len(items)), VOCAB)
+    batch = dpo_custom_collate(items, eos_id=EOS)
+    padded = model.get_logprob_batch(batch)
+    model.packing = PackingSettings(enabled=True, pack_tokens=pack_tokens)
+    packed = model.get_logprob_batch(batch)
+    return dict(padded=padded, packed=packed, lengths=torch.cat([batch["chosen_length"], batch["rejected_length"]]),
+                packs=[mb.num_pairs for mb in pack_padded_batch(batch, pack_tokens).micro_batches])

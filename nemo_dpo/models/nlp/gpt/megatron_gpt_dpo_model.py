@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
+from nemo_dpo.data.packing import PackedMicroBatch, block_causal_mask, pack_padded_batch, sequence_logprobs
 from nemo_dpo.losses import (
     get_preference_loss,
     masked_sequence_logprobs,
@@ -31,7 +32,7 @@ from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
-from nemo_dpo.parallel.collectives import broadcast
+from nemo_dpo.parallel.collectives import all_reduce, broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
@@ -41,6 +42,18 @@ _REF_KEYS = ("ref_policy_log_probs_chosen", "ref_policy_log_probs_rejected")
 
 def _split_rows(batch: dict, start: int, stop: int) -> dict:
     return {key: value[start:stop] for key, value in batch.items() if torch.is_tensor(value)}
+
+
+def _trim_to_longest(batch: dict, multiple: int) -> dict:
+    """A padded micro-batch cut to its longest sequence (rounded up to ``multiple``) instead of the batch's."""
+    width = batch["chosen"].shape[1]
+    longest = int(torch.cat([batch["chosen_length"], batch["rejected_length"]]).max())
+    length = min(width, -(-longest // multiple) * multiple)
+    if length == width:
+        return batch
+    # Per-token log-probs (reference) are one column shorter than the tokens.
+    return {key: value[:, :length - (value.shape[1] < width)] if value.dim() == 2 else value
+            for key, value in batch.items()}
 
 
 def _pair_rows(batch: dict, chosen_key: str, rejected_key: str) -> torch.Tensor:
@@ -68,6 +81,61 @@ def _output_layer_passes_hidden_states(gpt):
         yield
     finally:
         del layer.forward  # the class's forward again
+
+
+@contextlib.contextmanager
+def _rotary_at_position_ids(gpt, position_ids: torch.Tensor):
+    """Within: ``gpt``'s rotary embedding rotates each token by its ``position_ids`` ``[B, S]`` entry.
+
+    megatron-core's RoPE rotates by the index in the row, whatever the position
+    ids; packed rows restart positions per sequence. The table is megatron's own,
+    indexed per token: ``[S, B, 1, dim]`` broadcasts over heads as ``[S, 1, 1, dim]`` does.
+    """
+    if gpt.position_embedding_type != "rope":
+        yield
+        return
+    rope = gpt.rotary_pos_emb
+
+    def per_token(max_seq_len, offset=0, packed_seq=False, cp_group=None):
+        table = type(rope).forward(rope, int(position_ids.max()) + 1, offset, packed_seq, cp_group)
+        return table[:, 0][position_ids.t()]
+
+    rope.forward = per_token
+    try:
+        yield
+    finally:
+        del rope.forward
+
+
+@dataclass(frozen=True)
+class PackingSettings:
+    """``model.data.packing`` and ``model.data.pack_tokens`` (see ``_run_packed_schedule``).
+
+    ``pack_tokens``: tokens per packed micro-batch (one row); None:
+    ``micro_batch_size x 2 x seq_length``, what an unpacked micro-batch can hold.
+    ``length_multiple``: ``model.data.pad_length_to_multiple_of`` for packed rows.
+    """
+
+    enabled: bool = False
+    pack_tokens: int = 0
+    length_multiple: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "PackingSettings":
+        data = cfg.get("data") or {}
+        enabled = data.get("packing", False)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"model.data.packing={enabled!r} must be true or false")
+        seq_length = data.get("seq_length") or cfg.get("encoder_seq_length") or 0
+        pack_tokens = data.get("pack_tokens")
+        if pack_tokens is None:
+            pack_tokens = cfg.micro_batch_size * 2 * seq_length
+        elif isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens <= 0:
+            raise ValueError(f"model.data.pack_tokens={pack_tokens!r} must be a positive integer")
+        if enabled and cfg.get("position_embedding_type", "learned_absolute") not in ("rope", "learned_absolute"):
+            raise ValueError("model.data.packing=true needs position_embedding_type rope or learned_absolute, got "
+                             f"{cfg.get('position_embedding_type')}")
+        return cls(enabled, pack_tokens, data.get("pad_length_to_multiple_of") or 1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +212,7 @@ class MegatronGPTDPOModel:
         self.vocab_size = vocab_size
         self.dpo = DPOSettings.from_config(cfg.get("dpo"))
         self.preference_loss_fn = get_preference_loss(self.dpo.preference_loss)
+        self.packing = PackingSettings.from_config(cfg)
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
         # DDP's gradient buffers and reduction must match what the optimizer expects.
@@ -164,20 +233,35 @@ class MegatronGPTDPOModel:
         self.reference_policy.load_state_dict(weights)
 
     # ----------------------------------------------------------------- forward
-    def _forward_step_func(self, logprobs_only: bool):
+    def _forward_step_func(self, logprobs_only: bool, loss_scale=None):
+        """The schedule's forward step over padded micro-batches (dicts) or ``PackedMicroBatch``es.
+
+        ``loss_scale(pairs)``: for packed training, the factor turning a micro-batch's
+        mean loss into its share of the global batch's mean (see ``_run_packed_schedule``).
+        """
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            tokens = _pair_rows(batch, "chosen", "rejected")
-            positions = _pair_rows(batch, "position_ids", "rejected_position_ids") if "position_ids" in batch else (
-                torch.arange(tokens.shape[1]).expand_as(tokens)
-            )
+            packed = isinstance(batch, PackedMicroBatch)
+            if packed:
+                tokens, positions = batch.tokens, batch.position_ids
+            else:
+                tokens = _pair_rows(batch, "chosen", "rejected")
+                positions = _pair_rows(batch, "position_ids", "rejected_position_ids") if "position_ids" in batch else (
+                    torch.arange(tokens.shape[1]).expand_as(tokens)
+                )
             device = next(model.parameters()).device
             chunk_size = self.dpo.log_prob_chunk_size
             gpt = model.module
             chunked = chunk_size is not None and gpt.post_process
-            # Right-padded pairs need no mask: causal attention never looks ahead.
-            with _output_layer_passes_hidden_states(gpt) if chunked else contextlib.nullcontext():
-                output = model(tokens.to(device), positions.to(device), None)
+            # Right-padded pairs need no mask: causal attention never looks ahead. Packed
+            # rows attend within each sequence only, with positions restarting per sequence.
+            mask = block_causal_mask(batch.segment_ids.to(device)) if packed else None
+            with contextlib.ExitStack() as stack:
+                if chunked:
+                    stack.enter_context(_output_layer_passes_hidden_states(gpt))
+                if packed:
+                    stack.enter_context(_rotary_at_position_ids(gpt, positions.to(device)))
+                output = model(tokens.to(device), positions.to(device), mask)
 
             def token_logprobs(output):
                 targets = tokens[:, 1:].to(output.device)
@@ -193,23 +277,15 @@ class MegatronGPTDPOModel:
 
             def loss_func(output):
                 pi_logprobs = token_logprobs(output)
-                labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(output.device)
-                ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(output.device)
-                gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(output.device)
                 dpo = self.dpo
-                logratios = self.get_reduced_masked_logps(
-                    pi_logprobs - ref_logprobs, labels, average_log_probs=dpo.preference_average_log_probs
-                )
-                preference_loss, acc = self.loss_func(
-                    pi_logprobs, ref_logprobs, labels, gt_rewards,
-                    average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
-                )
-                sft_loss = torch.zeros_like(preference_loss)
-                if dpo.sft_loss_weight != 0:
-                    sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=dpo.sft_average_log_probs)
+                if packed:
+                    preference_loss, acc, sft_loss, logratios = self._packed_losses(batch, pi_logprobs)
+                    pairs = batch.num_pairs
+                else:
+                    preference_loss, acc, sft_loss, logratios = self._padded_losses(batch, pi_logprobs)
+                    pairs = logratios.shape[0] // 2
                 loss = dpo.preference_loss_weight * preference_loss + dpo.sft_loss_weight * sft_loss
-                pairs = labels.shape[0] // 2
-                return loss, {
+                return loss if loss_scale is None else loss * loss_scale(pairs), {
                     "pairs": pairs,
                     "sums": torch.stack([loss, preference_loss, sft_loss, acc]).detach() * pairs,
                     "logratios": logratios.detach(),
@@ -219,23 +295,117 @@ class MegatronGPTDPOModel:
 
         return forward_step
 
+    def _padded_losses(self, batch: dict, pi_logprobs: torch.Tensor):
+        """Preference loss, accuracy, SFT loss and per-sequence log-ratios of a padded micro-batch."""
+        device = pi_logprobs.device
+        labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(device)
+        ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(device)
+        gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(device)
+        dpo = self.dpo
+        logratios = self.get_reduced_masked_logps(
+            pi_logprobs - ref_logprobs, labels, average_log_probs=dpo.preference_average_log_probs
+        )
+        preference_loss, acc = self.loss_func(
+            pi_logprobs, ref_logprobs, labels, gt_rewards,
+            average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
+        )
+        sft_loss = torch.zeros_like(preference_loss)
+        if dpo.sft_loss_weight != 0:
+            sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=dpo.sft_average_log_probs)
+        return preference_loss, acc, sft_loss, logratios
+
+    def _packed_losses(self, batch: PackedMicroBatch, pi_logprobs: torch.Tensor):
+        """``_padded_losses`` of a packed micro-batch: per-sequence sums gathered by segment.
+
+        ``loss_func`` gets the per-sequence log-ratios (rows [all chosen; all
+        rejected] as unpacked); its per-token arguments are the packed rows.
+        """
+        device = pi_logprobs.device
+        segments = batch.target_segments().to(device)
+        ref_logprobs = batch.ref_logprobs.to(device)
+        sequences = 2 * batch.num_pairs
+        dpo = self.dpo
+        logratios = sequence_logprobs(pi_logprobs - ref_logprobs, segments, sequences,
+                                      dpo.preference_average_log_probs)
+        preference_loss, acc = self.loss_func(
+            pi_logprobs, ref_logprobs, batch.labels[:, 1:].to(device), batch.rewards.to(device),
+            average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
+        )
+        sft_loss = torch.zeros_like(preference_loss)
+        if dpo.sft_loss_weight != 0:
+            chosen, _ = split_chosen_rejected(
+                sequence_logprobs(pi_logprobs, segments, sequences, dpo.sft_average_log_probs))
+            sft_loss = -chosen.mean(0)
+        return preference_loss, acc, sft_loss, logratios
+
     def _run_schedule(self, batch: dict, micro_batch_size: int, forward_only: bool, logprobs_only: bool):
+        """This rank's micro-batch reports, and the ``PackingPlan`` when packing (else None)."""
+        if self.packing.enabled:
+            return self._run_packed_schedule(batch, forward_only, logprobs_only)
         pairs = batch["chosen"].shape[0]
         if pairs % micro_batch_size:
             # Only a last, partial validation batch gets here; one pair per
             # micro-batch keeps the fixed activation shape pipelines need.
             micro_batch_size = 1
         micro_batches = [_split_rows(batch, i, i + micro_batch_size) for i in range(0, pairs, micro_batch_size)]
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1 and "chosen_length" in batch:
+            # Each micro-batch to its own longest row (pipelines need one shape per step).
+            multiple = self._length_multiple()
+            micro_batches = [_trim_to_longest(mb, multiple) for mb in micro_batches]
         data = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
         return forward_backward(
             self.model,
             self._forward_step_func(logprobs_only),
             data,
             num_microbatches=len(micro_batches),
-            seq_length=batch["chosen"].shape[1],
+            seq_length=max(mb["chosen"].shape[1] for mb in micro_batches),
             micro_batch_size=2 * micro_batch_size,
             forward_only=forward_only,
+        ), None
+
+    def _length_multiple(self) -> int:
+        """What rows are padded to a multiple of: ``pad_length_to_multiple_of``, and TP under sequence parallelism."""
+        config = self.model[0].config
+        multiple = self.packing.length_multiple
+        if config.sequence_parallel:
+            multiple = math.lcm(multiple, config.tensor_model_parallel_size)
+        return multiple
+
+    def _run_packed_schedule(self, batch: dict, forward_only: bool, logprobs_only: bool):
+        """Pack this rank's pairs into micro-batches of one row of at most ``pack_tokens`` tokens and run them.
+
+        The number of micro-batches ``M`` depends on the data, so it differs between
+        DP ranks and steps. megatron's schedule divides each micro-batch's loss by
+        ``M`` and DDP averages gradients over the ``D`` DP ranks; a micro-batch of
+        ``p`` pairs with mean loss ``l`` therefore returns ``l * p * M * D / N``
+        (``N``: the global batch's pairs), so the gradient is that of the mean loss
+        over all ``N`` pairs, as unpacked. With pipeline parallelism every row of
+        the step is padded to the step's longest (one activation shape); first-fit
+        decreasing leaves at most one pack half full or less, so at most one pack
+        carries more padding than tokens.
+        """
+        multiple = self._length_multiple()
+        pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        plan = pack_padded_batch(batch, self.packing.pack_tokens, multiple, common_length=pipelined)
+        micro_batches = plan.micro_batches
+        loss_scale = None
+        if not forward_only:
+            dp_group = parallel_state.get_data_parallel_group()
+            total_pairs = all_reduce(torch.tensor(float(batch["chosen"].shape[0]), dtype=torch.float64),
+                                     group=dp_group).item()
+            factor = len(micro_batches) * parallel_state.get_data_parallel_world_size() / total_pairs
+            loss_scale = lambda pairs: pairs * factor  # noqa: E731
+        data = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
+        reports = forward_backward(
+            self.model,
+            self._forward_step_func(logprobs_only, loss_scale),
+            data,
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
         )
+        return reports, plan
 
     # ------------------------------------------------------------- public API
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
@@ -246,7 +416,7 @@ class MegatronGPTDPOModel:
         plus ``ref_policy_log_probs_chosen/rejected`` from ``augment_dataloader``.
         """
         pairs = batch["chosen"].shape[0]
-        reports = self._run_schedule(batch, self.cfg.micro_batch_size, forward_only, False) if pairs else []
+        reports = self._run_schedule(batch, self.cfg.micro_batch_size, forward_only, False)[0] if pairs else []
         return self._reduce_metrics(reports)
 
     def _reduce_metrics(self, reports: list[dict]) -> tuple[float, dict[str, float]]:
@@ -266,15 +436,24 @@ class MegatronGPTDPOModel:
 
     @torch.no_grad()
     def get_logprob_batch(self, batch: dict) -> torch.Tensor:
-        """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank."""
+        """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank.
+
+        With packing, positions past a sequence's end hold 0.
+        """
         pairs, seq_length = batch["chosen"].shape
         micro = self.dpo.log_prob_forward_micro_batch_size or self.cfg.micro_batch_size
         for chunk in self.model:
             chunk.eval()
-        reports = self._run_schedule(batch, micro, forward_only=True, logprobs_only=True) if pairs else []
+        reports, plan = self._run_schedule(batch, micro, forward_only=True, logprobs_only=True) if pairs else ([], None)
         logprobs = torch.empty(2 * pairs, seq_length - 1, dtype=torch.float32)
-        if reports:
-            chosen, rejected = zip(*(split_chosen_rejected(r["logprobs"].cpu()) for r in reports))
+        if reports and plan is not None:
+            # Back to the padded layout; padding positions hold 0.
+            logprobs = plan.unpack_token_values([r["logprobs"].cpu() for r in reports])
+        elif reports:
+            # Micro-batches cut to their longest row come back padded with 0.
+            widths = [r["logprobs"].shape[1] for r in reports]
+            chosen, rejected = zip(*(split_chosen_rejected(
+                torch.nn.functional.pad(r["logprobs"].cpu(), (0, seq_length - 1 - w))) for r, w in zip(reports, widths)))
             logprobs = torch.cat([*chosen, *rejected])
         return broadcast(
             logprobs,
