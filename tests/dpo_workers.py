@@ -15,6 +15,7 @@ from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
 from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler, build_dataloader
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import CosineAnnealing
@@ -99,9 +100,9 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
     every rank also returns ``ref_forwards`` (calls of ``get_ref_policy_logprobs``) and
     ``cache_log`` (the cache's log messages).
     """
-    initialize_parallel(ParallelLayout(tp, pp), seed=init_seed)
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
     cfg = model_config(micro_batch_size, global_batch_size, precision, optim, **(dpo_overrides or {}))
-    model = MegatronGPTDPOModel(cfg, VOCAB)
+    model = MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=1234 + init_seed))
     ref_forwards = [0]
     reference_logprobs = model.get_ref_policy_logprobs
 
@@ -199,5 +200,7 @@ def bf16_master_weights(steps: int, lr: float, items: list[dict]) -> dict:
 
 def weights_fingerprint(tp: int, pp: int, init_seed: int = 0) -> str:
     """The reference-weights fingerprint of the tiny model at layout ``(tp, pp)``, on every rank."""
-    initialize_parallel(ParallelLayout(tp, pp), seed=init_seed)
-    return reference_weights_fingerprint(MegatronGPTDPOModel(model_config(2, 4), VOCAB))
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    cfg = model_config(2, 4)
+    return reference_weights_fingerprint(
+        MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=1234 + init_seed)))

@@ -34,6 +34,14 @@ def first_runs(dist_pool, tmp_path_factory):
     return cache, on_the_fly, computed, reused
 
 
+def _copy(cache, to):
+    """A copy of the first runs' cache folder (tests that change it work on their own)."""
+    to.mkdir()
+    for path in cache.glob("*.safetensors"):
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
 def test_precomputed_equals_on_the_fly(first_runs):
     _, on_the_fly, computed, _ = first_runs
     assert _series(computed, "train/loss")[0] == LN2_FP32 and _series(computed, "train/acc")[0] == 0.0
@@ -65,7 +73,8 @@ def test_a_change_recomputes_naming_it(dist_pool, first_runs, tmp_path, change):
         init_seed = 1
     else:
         parts = {"tokenizer": "another"}
-    result = _train(dist_pool, tmp_path, cache, items=items, init_seed=init_seed, parts=parts)
+    result = _train(dist_pool, tmp_path / "log", _copy(cache, tmp_path / "cache"), items=items, init_seed=init_seed,
+                    parts=parts)
     assert result[0]["ref_forwards"] > 0
     expected = {"data": "items changed", "weights": "weights changed", "tokenizer": "tokenizer changed"}[change]
     assert any(expected in m for m in result[0]["cache_log"]), result[0]["cache_log"]
@@ -75,10 +84,7 @@ def test_a_change_recomputes_naming_it(dist_pool, first_runs, tmp_path, change):
 
 def test_damaged_cache_file_is_named_and_recomputed(dist_pool, first_runs, tmp_path):
     cache, _, computed, _ = first_runs
-    damaged = tmp_path / "cache"
-    damaged.mkdir()
-    for path in cache.glob("*.safetensors"):
-        (damaged / path.name).write_bytes(path.read_bytes())
+    damaged = _copy(cache, tmp_path / "cache")
     (train_file,) = damaged.glob("train-*.safetensors")
     data = bytearray(train_file.read_bytes())
     data[-5] ^= 0xFF  # a log-prob's bytes

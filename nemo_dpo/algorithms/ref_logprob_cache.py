@@ -238,16 +238,21 @@ class RefLogprobCache:
             return None
 
     def _miss_reason(self, split: str, parts: dict[str, str]) -> str:
-        previous = sorted(self.directory.glob(f"{split}-*.safetensors"), key=lambda p: p.stat().st_mtime)
-        for path in reversed(previous):
+        """What differs from the closest earlier cache of ``split`` in the folder (the fewest parts)."""
+        closest = None
+        previous = sorted(self.directory.glob(f"{split}-*.safetensors"), key=lambda p: -p.stat().st_mtime)
+        for path in previous:
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     old = json.loads((handle.metadata() or {})["parts"])
             except Exception:
                 continue
             changed = sorted(key for key in set(old) | set(parts) if old.get(key) != parts.get(key))
-            return f"{', '.join(changed)} changed since {path.name}"
-        return "no cache yet" if not previous else "cache miss: fingerprint differs"
+            if closest is None or len(changed) < len(closest[1]):
+                closest = path, changed
+        if closest is None:
+            return "no cache yet" if not previous else "fingerprint differs"
+        return f"{', '.join(closest[1])} changed since {closest[0].name}"
 
     @staticmethod
     def _compute(dataset, batches: list[list[int]], prepare_batch: Callable, model) -> RefLogprobTable:
