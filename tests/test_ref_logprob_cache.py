@@ -1,5 +1,6 @@
 """Precomputed reference log-probs (``model.dpo.precompute_ref_log_probs``): equal, reused, refreshed, checked."""
 
+import json
 import math
 
 import pytest
@@ -135,3 +136,30 @@ def test_table_round_trip_and_lookup():
     assert torch.equal(table.lookup(batch), expected)
     with pytest.raises(KeyError, match="sample 7"):
         table.lookup({"chosen": torch.zeros(1, 4, dtype=torch.long), "sample_index": torch.tensor([7])})
+
+
+def test_training_job_precomputes_into_its_log_dir_and_reuses(dist_pool, tmp_path):
+    from training_workers import train_job
+
+    lines = [json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen_response": f" It is {2 * i}.",
+                         "rejected_response": f" Maybe {i + 3}, or so."}) for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    job = ["model.micro_batch_size=2", "model.global_batch_size=4", "trainer.dpo.max_steps=3",
+           "trainer.dpo.val_check_interval=3", "exp_manager.create_checkpoint_callback=False",
+           f"model.data.data_prefix.train={tmp_path / 'train.jsonl'}",
+           f"model.data.data_prefix.validation={tmp_path / 'val.jsonl'}", "model.dpo.precompute_ref_log_probs=True"]
+    first = dist_pool.run(1, train_job, str(tmp_path / "first"), job)[0]
+    files = sorted((tmp_path / "first" / "ref_log_probs").glob("*.safetensors"))
+    assert [f.name.split("-")[0] for f in files] == ["train", "validation"]
+    assert series_of(first, "train/loss")[0] == LN2_FP32
+    stamps = [f.stat().st_mtime_ns for f in files]
+    shared = f"model.dpo.ref_log_probs_cache_dir={tmp_path / 'first' / 'ref_log_probs'}"
+    second = dist_pool.run(1, train_job, str(tmp_path / "second"), [*job, shared])[0]
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read, not rewritten
+    assert not (tmp_path / "second" / "ref_log_probs").exists()
+    assert series_of(second, "train/loss") == series_of(first, "train/loss")
+
+
+def series_of(records, key):
+    return [r[key] for r in records if key in r]
