@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
+from nemo_dpo.algorithms import ref_logprob_cache
 from nemo_dpo.algorithms.dpo import DPOTrainer, dpo_custom_collate
 from nemo_dpo.data import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler, build_dataloader
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import CosineAnnealing
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
+from nemo_dpo.training.run import reference_weights_fingerprint
 from nemo_dpo.utils.metrics_logger import MetricsLogger
 from nemo_dpo.utils.run_timer import RunTimer
 
@@ -75,18 +79,43 @@ class NeMoStyleBatchSampler:
         return iter(self._sampler)
 
 
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
               items: list[dict], log_dir: str, dpo_overrides: dict | None = None, precision=32,
-              optim: dict | None = None, nemo_style: bool = False, data: dict | None = None) -> dict:
+              optim: dict | None = None, nemo_style: bool = False, data: dict | None = None, init_seed: int = 0,
+              ref_cache: dict | None = None) -> dict:
     """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics.
 
     Every rank also returns its optimizer-state bytes (``state_bytes``; None for a torch optimizer).
     ``nemo_style``: what NeMo Aligner code passes instead of ours: a plain
     ``torch.optim.AdamW`` over the model's parameters and a sampler without ``steps_per_epoch``.
+    ``init_seed`` seeds the initial (and reference) weights. ``ref_cache``: precomputed reference
+    log-probs in ``ref_cache["directory"]``, fingerprinted by the weights plus ``ref_cache["parts"]``;
+    every rank also returns ``ref_forwards`` (calls of ``get_ref_policy_logprobs``) and
+    ``cache_log`` (the cache's log messages).
     """
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
     cfg = model_config(micro_batch_size, global_batch_size, precision, optim, data, **(dpo_overrides or {}))
-    model = MegatronGPTDPOModel(cfg, VOCAB)
+    model = MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=1234 + init_seed))
+    ref_forwards = [0]
+    reference_logprobs = model.get_ref_policy_logprobs
+
+    def counted_reference_logprobs(batch):
+        ref_forwards[0] += 1
+        return reference_logprobs(batch)
+
+    model.get_ref_policy_logprobs = counted_reference_logprobs
+    cache_log = _Messages()
+    logging.getLogger(ref_logprob_cache.__name__).addHandler(cache_log)
+    logging.getLogger(ref_logprob_cache.__name__).setLevel(logging.INFO)
     if nemo_style:
         settings = OptimizerSettings.from_config(cfg.optim, precision_dtype(precision))
         params = [param for chunk in model.model for param in chunk.parameters()]
@@ -113,8 +142,15 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
         collate_fn=lambda batch: dpo_custom_collate(batch, eos_id=EOS),
         logger=MetricsLogger(log_dir, use_tensorboard=False), ckpt_callback=None, run_timer=RunTimer(None),
     )
-    trainer.fit()
-    result = {"state_bytes": None if nemo_style else optimizer.state_bytes()}
+    if ref_cache is not None:
+        parts = {"weights": reference_weights_fingerprint(model), **ref_cache.get("parts", {})}
+        trainer.use_ref_logprob_cache(ref_logprob_cache.RefLogprobCache(ref_cache["directory"], parts))
+    try:
+        trainer.fit()
+    finally:
+        logging.getLogger(ref_logprob_cache.__name__).removeHandler(cache_log)
+    result = {"state_bytes": None if nemo_style else optimizer.state_bytes(), "ref_forwards": ref_forwards[0],
+              "cache_log": cache_log.messages}
     if torch.distributed.get_rank() == 0:
         result["records"] = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
     return result
@@ -177,3 +213,11 @@ def padded_and_packed_logprobs(tp: int, pp: int, items: list[dict], pack_tokens:
     packed = model.get_logprob_batch(batch)
     return dict(padded=padded, packed=packed, lengths=torch.cat([batch["chosen_length"], batch["rejected_length"]]),
                 packs=[mb.num_pairs for mb in pack_padded_batch(batch, pack_tokens).micro_batches])
+
+
+def weights_fingerprint(tp: int, pp: int, init_seed: int = 0) -> str:
+    """The reference-weights fingerprint of the tiny model at layout ``(tp, pp)``, on every rank."""
+    initialize_parallel(ParallelLayout(tp, pp), seed=0)
+    cfg = model_config(2, 4)
+    return reference_weights_fingerprint(
+        MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=1234 + init_seed)))

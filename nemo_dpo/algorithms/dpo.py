@@ -115,6 +115,9 @@ class DPOTrainer:
             max(int(interval * self.num_steps_per_epoch), 1) if isinstance(interval, float) else int(interval)
         )
         self.set_max_steps()
+        # ``model.dpo.precompute_ref_log_probs``: a RefLogprobCache (set with use_ref_logprob_cache).
+        self.ref_logprob_cache = None
+        self._ref_logprob_tables: dict[str, object] = {}
 
     # ------------------------------------------------------------------ steps
     def train_single_step(self, global_batch: dict) -> tuple[float, dict]:
@@ -197,6 +200,7 @@ class DPOTrainer:
         """Train for ``max_epochs`` / ``max_steps``, validating and saving on schedule."""
         if self.epoch >= self.cfg.max_epochs or self.step >= self.max_steps:
             return
+        self.precompute_ref_logprobs()
         self.run_timer.start_time()
         for _ in range(self.epoch, self.cfg.max_epochs):
             steps_left = min(self.max_steps - self.step, self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
@@ -272,11 +276,39 @@ class DPOTrainer:
         return self.step // self.num_steps_per_epoch
 
     # ------------------------------------------------------------------- data
+    def use_ref_logprob_cache(self, cache) -> None:
+        """Take reference log-probs of the training and validation sets from ``cache`` (a ``RefLogprobCache``)."""
+        self.ref_logprob_cache = cache
+        self._ref_logprob_tables.clear()
+
+    def precompute_ref_logprobs(self) -> None:
+        """With a cache: the reference log-probs of the training and validation sets, read or computed now."""
+        if self.ref_logprob_cache is None:
+            return
+        self._ref_logprob_table(self.train_dataloader)
+        if self.limit_val_batches > 0:
+            self._ref_logprob_table(self.val_dataloader)
+
+    def _ref_logprob_table(self, dataloader):
+        """The precomputed log-probs of ``dataloader``'s data set; None without a cache (or for other loaders)."""
+        splits = {id(self.train_dataloader): "train", id(self.val_dataloader): "validation"}
+        split = splits.get(id(dataloader))
+        if self.ref_logprob_cache is None or split is None:
+            return None
+        if split not in self._ref_logprob_tables:
+            self._ref_logprob_tables[split] = self.ref_logprob_cache.table(
+                split, dataloader, lambda items: _drop_sampler_padding(self.collate_fn(items)), self.model)
+        return self._ref_logprob_tables[split]
+
     def augment_dataloader(self, dataloader):
-        """Collate each global batch, drop sampler padding, add the reference per-token log-probs."""
+        """Collate each global batch, drop sampler padding, add the reference per-token log-probs.
+
+        With a reference log-prob cache they come from it, without a reference forward.
+        """
+        table = self._ref_logprob_table(dataloader)
         for items in dataloader:
             batch = _drop_sampler_padding(self.collate_fn(items))
-            logprobs = self.model.get_ref_policy_logprobs(batch)
+            logprobs = table.lookup(batch) if table is not None else self.model.get_ref_policy_logprobs(batch)
             chosen, rejected = torch.split(logprobs, len(logprobs) // 2, dim=0)
             batch["ref_policy_log_probs_chosen"] = chosen
             batch["ref_policy_log_probs_rejected"] = rejected

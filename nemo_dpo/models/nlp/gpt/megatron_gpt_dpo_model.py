@@ -149,6 +149,10 @@ class DPOSettings:
     from the output layer's input, chunk by chunk); ``None`` keeps whole logits.
     ``ref_policy_placement``: where the frozen reference weights live (``auto``,
     ``device``, ``cpu``; see ``reference_policy.py``).
+    ``precompute_ref_log_probs``: reference log-probs of the training and
+    validation sets computed once before training and kept on disk
+    (``algorithms/ref_logprob_cache.py``) in ``ref_log_probs_cache_dir``
+    (``None``: ``<log dir>/ref_log_probs``).
     """
 
     ref_policy_kl_penalty: float = 0.3
@@ -161,6 +165,8 @@ class DPOSettings:
     log_prob_forward_micro_batch_size: int | None = None
     log_prob_chunk_size: int | None = None
     ref_policy_placement: str = "auto"
+    precompute_ref_log_probs: bool = False
+    ref_log_probs_cache_dir: str | None = None
 
     def __post_init__(self):
         # Fails at start-up, listing the valid names, for an unknown loss.
