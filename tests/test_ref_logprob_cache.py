@@ -17,7 +17,7 @@ KEYS = ("train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc")
 
 def _train(dist_pool, log_dir, cache_dir, world=1, items=ITEMS, init_seed=0, parts=None):
     ref_cache = None if cache_dir is None else {"directory": str(cache_dir), "parts": parts or {}}
-    return dist_pool.run(world, train_dpo, 1, 1, 2, 4, STEPS, items, str(log_dir), None, 32, None, False,
+    return dist_pool.run(world, train_dpo, 1, 1, 2, 4, STEPS, items, str(log_dir), None, 32, None, False, None,
                          init_seed, ref_cache)
 
 
