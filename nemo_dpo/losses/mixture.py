@@ -119,6 +119,12 @@ def build_preference_loss(preference_loss, preference_loss_weights=None,
 
 
 def _check_settings_are_used(specs: list[LossSpec], settings: PreferenceLossSettings) -> None:
+    if settings.f_divergence_type != "reverse_kl":
+        for spec in specs:
+            if not spec.reference_free and "f_divergence_type" not in spec.reads:
+                raise ValueError(
+                    f"preference_loss {spec.name!r} does not support f_divergence_type={settings.f_divergence_type!r}"
+                )
     builtin = all(LOSS_ZOO.get(spec.name) is spec for spec in specs)
     changed = settings.non_defaults() - MIXTURE_SETTINGS
     if settings.f_divergence_type != "alpha_divergence":
@@ -128,12 +134,6 @@ def _check_settings_are_used(specs: list[LossSpec], settings: PreferenceLossSett
             if not any(key in spec.reads for spec in specs):
                 raise ValueError(
                     f"model.dpo.{key} is set, but no selected preference_loss ({', '.join(s.name for s in specs)}) uses it"
-                )
-    if settings.f_divergence_type != "reverse_kl":
-        for spec in specs:
-            if not spec.reference_free and "f_divergence_type" not in spec.reads:
-                raise ValueError(
-                    f"preference_loss {spec.name!r} does not support f_divergence_type={settings.f_divergence_type!r}"
                 )
     if settings.use_weighting and any(spec.name in ("aot", "aot_unpaired") for spec in specs):
         raise ValueError("use_weighting cannot be combined with preference_loss aot or aot_unpaired "

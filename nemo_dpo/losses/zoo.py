@@ -26,6 +26,8 @@ from nemo_dpo.losses.preference import PREFERENCE_LOSSES, ipo_loss, rpo_bwd_kl_l
 # exp() arguments are capped here so that a score or a weight stays finite in fp32
 # (exp(80) ~ 5.5e34); past the cap the value stops growing and its gradient is 0.
 EXP_CAP = 80.0
+# f-divergence scores are capped lower so that their squares (sppo_hard) stay finite as well.
+SCORE_EXP_CAP = 40.0
 
 
 @dataclass(frozen=True)
@@ -121,17 +123,18 @@ def f_divergence_scores(inputs: PreferenceLossInputs, settings: PreferenceLossSe
     reverse_kl: ``u = log-ratio`` (DPO); forward_kl: ``-exp(-u)``; js_divergence:
     ``log sigmoid(u)``; alpha_divergence (TRL's parametrisation, a = coef):
     ``exp((a - 1) u) / (a - 1)``, which is reverse_kl at a = 1 and forward_kl at a = 0.
+    exp() arguments are capped at ``SCORE_EXP_CAP``.
     """
     chosen, rejected = inputs.logratios(name)
     kind = settings.f_divergence_type
     if kind == "forward_kl":
-        return -torch.exp((-chosen).clamp(max=EXP_CAP)), -torch.exp((-rejected).clamp(max=EXP_CAP))
+        return -torch.exp((-chosen).clamp(max=SCORE_EXP_CAP)), -torch.exp((-rejected).clamp(max=SCORE_EXP_CAP))
     if kind == "js_divergence":
         return F.logsigmoid(chosen), F.logsigmoid(rejected)
     if kind == "alpha_divergence" and abs(settings.f_alpha_divergence_coef - 1.0) > 1e-6:
         a1 = settings.f_alpha_divergence_coef - 1.0
-        return (torch.exp((a1 * chosen).clamp(max=EXP_CAP)) / a1,
-                torch.exp((a1 * rejected).clamp(max=EXP_CAP)) / a1)
+        return (torch.exp((a1 * chosen).clamp(max=SCORE_EXP_CAP)) / a1,
+                torch.exp((a1 * rejected).clamp(max=SCORE_EXP_CAP)) / a1)
     return chosen, rejected
 
 
