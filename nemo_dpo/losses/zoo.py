@@ -73,15 +73,16 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown preference_loss {name!r}; valid names: {', '.join(valid_loss_names())}")
 
 
-def _legacy(name: str, fn: Callable) -> LossSpec:
-    """A loss registered with ``register_preference_loss`` (a function of log-ratios), as a zoo loss."""
+def _from_logratios(name: str, fn: Callable) -> Callable:
+    """A function of log-ratios (``register_preference_loss``'s signature) as a zoo loss."""
 
     def adapted(inputs: PreferenceLossInputs, settings: PreferenceLossSettings) -> Tensor:
         chosen, rejected = inputs.logratios(name)
         return fn(chosen, rejected, beta=inputs.beta, gt_rewards_chosen=inputs.gt_rewards_chosen,
                   gt_rewards_rejected=inputs.gt_rewards_rejected, gt_reward_scale=inputs.gt_reward_scale)
 
-    return LossSpec(name, adapted)
+    adapted.__doc__ = fn.__doc__
+    return adapted
 
 
 def _imported(path: str) -> LossSpec:
@@ -109,7 +110,7 @@ def resolve_loss(name: str) -> LossSpec:
     if name in LOSS_ZOO:
         return LOSS_ZOO[name]
     if name in PREFERENCE_LOSSES:
-        return _legacy(name, PREFERENCE_LOSSES[name])
+        return LossSpec(name, _from_logratios(name, PREFERENCE_LOSSES[name]))
     raise _unknown(name)
 
 
@@ -305,22 +306,11 @@ def sigmoid_norm(inputs, settings):
     return -F.logsigmoid(inputs.beta * (chosen / chosen_len - rejected / rejected_len))
 
 
-def _nemo(name: str, fn: Callable) -> Callable:
-    """NeMo Aligner's IPO / RPO losses (log-ratio functions in preference.py) under the zoo interface."""
-
-    def loss(inputs, settings):
-        chosen, rejected = inputs.logratios(name)
-        return fn(chosen, rejected, beta=inputs.beta, gt_rewards_chosen=inputs.gt_rewards_chosen,
-                  gt_rewards_rejected=inputs.gt_rewards_rejected, gt_reward_scale=inputs.gt_reward_scale)
-
-    loss.__doc__ = fn.__doc__
-    return register_loss(name)(loss)
-
-
-ipo = _nemo("ipo", ipo_loss)
-rpo_sq = _nemo("rpo_sq", rpo_sq_loss)
-rpo_bwd_kl = _nemo("rpo_bwd_kl", rpo_bwd_kl_loss)
-rpo_fwd_kl = _nemo("rpo_fwd_kl", rpo_fwd_kl_loss)
+# NeMo Aligner's IPO and RPO losses, functions of log-ratios in preference.py, under the zoo interface.
+ipo = register_loss("ipo")(_from_logratios("ipo", ipo_loss))
+rpo_sq = register_loss("rpo_sq")(_from_logratios("rpo_sq", rpo_sq_loss))
+rpo_bwd_kl = register_loss("rpo_bwd_kl")(_from_logratios("rpo_bwd_kl", rpo_bwd_kl_loss))
+rpo_fwd_kl = register_loss("rpo_fwd_kl")(_from_logratios("rpo_fwd_kl", rpo_fwd_kl_loss))
 
 
 # ---------------------------------------------------------------------------------------------
