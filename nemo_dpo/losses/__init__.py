@@ -1,4 +1,12 @@
-"""Preference losses (DPO, IPO, RPO) and their registry."""
+"""Preference losses: NeMo Aligner's log-ratio functions and the loss zoo (docs/losses.md)."""
+
+from nemo_dpo.losses.inputs import F_DIVERGENCE_TYPES, PreferenceLossInputs, PreferenceLossSettings
+from nemo_dpo.losses.mixture import (
+    PreferenceLossMixture,
+    PreferenceLossOutput,
+    build_preference_loss,
+    logps_metrics,
+)
 
 from nemo_dpo.losses.preference import (
     PREFERENCE_LOSSES,
@@ -15,8 +23,22 @@ from nemo_dpo.losses.preference import (
     rpo_sq_loss,
     split_chosen_rejected,
 )
+from nemo_dpo.losses.zoo import LOSS_ALIASES, LOSS_ZOO, LossSpec, register_loss, resolve_loss, valid_loss_names
 
 __all__ = [
+    "F_DIVERGENCE_TYPES",
+    "LOSS_ALIASES",
+    "LOSS_ZOO",
+    "LossSpec",
+    "PreferenceLossInputs",
+    "PreferenceLossMixture",
+    "PreferenceLossOutput",
+    "PreferenceLossSettings",
+    "build_preference_loss",
+    "logps_metrics",
+    "register_loss",
+    "resolve_loss",
+    "valid_loss_names",
     "PREFERENCE_LOSSES",
     "PreferenceLoss",
     "dpo_loss",

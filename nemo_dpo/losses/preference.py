@@ -15,6 +15,10 @@ share one signature so that a registry can dispatch on the config's name::
 
 ``beta`` is NeMo Aligner's ``ref_policy_kl_penalty``; the ground-truth rewards
 are only read by the RPO losses.
+
+This is the interface ``MegatronGPTDPOModel`` calls today. The loss zoo
+(``zoo.py``, ``mixture.py``) gives every loss the whole per-pair inputs
+(``PreferenceLossInputs``); a loss registered here is usable there too.
 """
 
 from __future__ import annotations
