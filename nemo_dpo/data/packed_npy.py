@@ -30,11 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib import format as npy_format
+from torch.utils.data import Dataset
 
+from nemo_dpo.data.collate import dpo_custom_collate
 from nemo_dpo.data.packing import first_fit, first_fit_decreasing
 from nemo_dpo.data.records import PreferenceDataError
 
 __all__ = [
+    "DPOPackedDataset",
     "PACK_KEYS",
     "PACKING_ALGORITHMS",
     "PackedDataError",
@@ -247,3 +250,80 @@ def save_packed_npy(path: str | Path, packs: list[dict]) -> None:
         array[i] = pack
     with io.open(path, "wb") as f:
         np.save(f, array, allow_pickle=True)
+
+
+class DPOPackedDataset(Dataset):
+    """NeMo Aligner's ``DPOPackedDataset``: the pairs of a packed ``.npy`` file, with its constructor.
+
+    ``data_prefix`` is the ``.npy`` path, read with :func:`load_packed_npy` (never
+    ``np.load(allow_pickle=True)``) unless ``data`` gives the packs; ``documents``
+    selects pack indices (all when None). Every pack is checked (:func:`check_pack`,
+    token ids within the tokenizer's vocabulary, sequences at most ``seq_length``),
+    each error one line naming the file and the pack.
+
+    Unlike NeMo Aligner, an item is one *pair* (a :class:`~nemo_dpo.data.DPOModelDataset`
+    item), not one pack, and ``global_batch_size`` counts pairs, as in unpacked
+    training, so a global batch, its loss (the mean over its pairs), the samplers,
+    resumption and the reference log-prob cache are those of the same pairs read from
+    JSONL. The file's packs are not kept as micro-batches: with ``model.data.packing``
+    the model re-packs each global batch's pairs itself (several packs per micro-batch,
+    any micro-batch size, CPU or GPU, no transformer-engine needed, where NeMo
+    Aligner's reader requires micro-batch size 1 and transformer-engine).
+    ``pack(i)``/``num_packs`` give the checked packs.
+    """
+
+    def __init__(self, cfg, tokenizer, name: str, data_prefix, documents, data, seq_length: int, seed: int,
+                 drop_last: bool = True):
+        super().__init__()
+        self.cfg, self.tokenizer, self.name, self.data_prefix = cfg, tokenizer, name, data_prefix
+        self.seq_length, self.seed, self.drop_last = seq_length, seed, drop_last
+        where = str(data_prefix) if data_prefix is not None else name
+        packs = load_packed_npy(data_prefix) if data is None else list(data)
+        documents = range(len(packs)) if documents is None else [int(i) for i in documents]
+        vocab_size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+        self._packs = []
+        self._pairs: list[tuple[int, int]] = []  # (pack, pair within it) of each item
+        for i in documents:
+            pack = check_pack(packs[i], f"{where}: pack {i}", vocab_size)
+            longest = max(pack["lengths"])
+            if seq_length is not None and longest > seq_length:
+                raise PackedDataError(f"{where}: pack {i}: a sequence of {longest} tokens exceeds "
+                                      f"seq_length={seq_length}")
+            self._pairs.extend((len(self._packs), p) for p in range(len(pack["lengths"]) // 2))
+            self._packs.append(pack)
+        if not self._pairs:
+            raise PackedDataError(f"{where}: no packs")
+
+    @property
+    def num_packs(self) -> int:
+        return len(self._packs)
+
+    def pack(self, i: int) -> dict:
+        return self._packs[i]
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        if idx < 0:
+            raise IndexError(f"{self.name}: index {idx} < 0 (padding markers are handled by build_dataloader)")
+        pack, pair = self._pairs[idx]
+        # Unpacking one pack is cheap next to a forward; nothing is cached, so memory stays one copy.
+        return pack_to_pairs(self._packs[pack])[pair]
+
+    def global_collate_fn(self, batch: list[dict], eos_id: int, reset_position_ids: bool = False,
+                          reset_attention_mask: bool = False, eod_mask_loss: bool = False,
+                          pad_length_to_multiple_of: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+        """The padded batch :func:`~nemo_dpo.data.dpo_custom_collate` makes of these pairs.
+
+        Items may also be raw packs (dicts with ``seq_boundaries``), as NeMo Aligner's
+        dataset yields: each is checked and unpacked into its pairs.
+        """
+        pairs = []
+        for item in batch:
+            if "seq_boundaries" in item:
+                pairs.extend(pack_to_pairs(check_pack(item, f"{self.name}: pack")))
+            else:
+                pairs.append(item)
+        return dpo_custom_collate(pairs, eos_id, reset_position_ids, reset_attention_mask, eod_mask_loss,
+                                  pad_length_to_multiple_of, **kwargs)
