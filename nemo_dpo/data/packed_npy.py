@@ -212,15 +212,16 @@ def pack_to_pairs(pack: dict) -> list[dict]:
     return pairs
 
 
-def make_pack(pairs: list[tuple[list[int], list[int], list[int], float, float]]) -> dict:
-    """One pack in NeMo Aligner's layout from ``(prompt, chosen, rejected, chosen_reward, rejected_reward)``."""
+def make_pack(items: list[dict]) -> dict:
+    """One pack in NeMo Aligner's layout from :class:`~nemo_dpo.data.DPOModelDataset` items (plain lists)."""
     pack = {"input_ids": [], "labels": [], "reward": [], "lengths": [], "seq_boundaries": [0]}
-    for prompt, chosen, rejected, chosen_reward, rejected_reward in pairs:
-        for response, reward in ((chosen, chosen_reward), (rejected, rejected_reward)):
-            pack["input_ids"].extend(list(prompt) + list(response))
-            pack["labels"].extend([-100] * len(prompt) + list(response))
-            pack["reward"].append(float(reward))
-            pack["lengths"].append(len(prompt) + len(response))
+    for item in items:
+        for side in ("chosen", "rejected"):
+            length = int(item[f"{side}_length"])
+            pack["input_ids"].extend(int(t) for t in item[side][:length])
+            pack["labels"].extend(int(t) for t in item[f"{side}_labels"][:length])
+            pack["reward"].append(float(item[f"{side}_reward"]))
+            pack["lengths"].append(length)
             pack["seq_boundaries"].append(len(pack["input_ids"]))
     return pack
 
