@@ -198,18 +198,20 @@ def _prompt_length(labels: list[int], bounds: list[int], k: int) -> int:
 def pack_to_pairs(pack: dict) -> list[dict]:
     """The pairs of a checked pack as :class:`~nemo_dpo.data.DPOModelDataset` items, each sequence
     unpadded (``dpo_custom_collate`` pads a batch to its longest)."""
+    return [_pair(pack, p) for p in range(len(pack["lengths"]) // 2)]
+
+
+def _pair(pack: dict, p: int) -> dict:
+    """Pair ``p`` of a checked pack (sequences ``2p`` and ``2p + 1``)."""
     ids, labels, bounds, reward = pack["input_ids"], pack["labels"], pack["seq_boundaries"], pack["reward"]
-    pairs = []
-    for p in range(0, len(bounds) - 1, 2):
-        item = {}
-        for side, k in (("chosen", p), ("rejected", p + 1)):
-            start, end = bounds[k], bounds[k + 1]
-            item[side] = torch.tensor(ids[start:end], dtype=torch.long)
-            item[f"{side}_labels"] = torch.tensor(labels[start:end], dtype=torch.long)
-            item[f"{side}_length"] = end - start
-            item[f"{side}_reward"] = float(reward[k])
-        pairs.append(item)
-    return pairs
+    item = {}
+    for side, k in (("chosen", 2 * p), ("rejected", 2 * p + 1)):
+        start, end = bounds[k], bounds[k + 1]
+        item[side] = torch.tensor(ids[start:end], dtype=torch.long)
+        item[f"{side}_labels"] = torch.tensor(labels[start:end], dtype=torch.long)
+        item[f"{side}_length"] = end - start
+        item[f"{side}_reward"] = float(reward[k])
+    return item
 
 
 def make_pack(items: list[dict]) -> dict:
@@ -309,8 +311,7 @@ class DPOPackedDataset(Dataset):
         if idx < 0:
             raise IndexError(f"{self.name}: index {idx} < 0 (padding markers are handled by build_dataloader)")
         pack, pair = self._pairs[idx]
-        # Unpacking one pack is cheap next to a forward; nothing is cached, so memory stays one copy.
-        return pack_to_pairs(self._packs[pack])[pair]
+        return _pair(self._packs[pack], pair)
 
     def global_collate_fn(self, batch: list[dict], eos_id: int, reset_position_ids: bool = False,
                           reset_attention_mask: bool = False, eod_mask_loss: bool = False,
