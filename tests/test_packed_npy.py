@@ -109,7 +109,8 @@ def test_a_pickle_naming_anything_else_is_refused_unexecuted(tmp_path, monkeypat
         load_packed_npy(tmp_path / "evil.npy")
     assert not (tmp_path / "PWNED").exists()
     np.save(tmp_path / "ints.npy", np.arange(4))
-    with pytest.raises(PackedDataError, match=r"ints\.npy: not a packed DPO \.npy file .* shape \(4,\) and dtype int64$"):
+    with pytest.raises(PackedDataError,
+                       match=r"ints\.npy: not a packed DPO \.npy file .* shape \(4,\) and dtype int64$"):
         load_packed_npy(tmp_path / "ints.npy")
     (tmp_path / "text.npy").write_text('{"prompt": "x"}\n')
     with pytest.raises(PackedDataError, match=r"text\.npy: not a packed DPO \.npy file"):

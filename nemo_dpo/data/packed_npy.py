@@ -145,7 +145,8 @@ def check_pack(pack: Any, where: str, vocab_size: int | None = None) -> dict:
     lengths = _int_list(pack["lengths"], "lengths", where)
     bounds = _int_list(pack["seq_boundaries"], "seq_boundaries", where)
     reward = np.asarray(pack["reward"])
-    if reward.ndim != 1 or not (np.issubdtype(reward.dtype, np.number) and not np.issubdtype(reward.dtype, np.complexfloating)):
+    real = np.issubdtype(reward.dtype, np.integer) or np.issubdtype(reward.dtype, np.floating)
+    if reward.ndim != 1 or not (real or reward.size == 0):
         raise PackedDataError(f"{where}: 'reward' must be a 1-d list of numbers")
     reward = reward.astype(np.float64).tolist()
     if len(labels) != len(input_ids):

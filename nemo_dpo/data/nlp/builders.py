@@ -60,7 +60,8 @@ def build_train_valid_test_dpo_packed_datasets(cfg, data_prefix, data_impl, spli
     ``train_ds.global_collate_fn`` (or ``dpo_custom_collate``) as DPOTrainer's ``collate_fn``.
     """
     if data_impl != "packed_jsonl":
-        raise ValueError(f"build_train_valid_test_dpo_packed_datasets needs data_impl='packed_jsonl', got {data_impl!r}")
+        raise ValueError(
+            f"build_train_valid_test_dpo_packed_datasets needs data_impl='packed_jsonl', got {data_impl!r}")
     return build_train_valid_test_dpo_datasets(cfg, data_prefix, data_impl, splits_string,
                                                train_valid_test_num_samples, seq_length, seed, tokenizer)
 
