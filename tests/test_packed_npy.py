@@ -174,7 +174,7 @@ def test_a_packed_file_trains_like_the_jsonl_it_came_from(dist_pool, packed_file
     reordered = tmp_path / "reordered.jsonl"
     reordered.write_text("".join(lines[record_of[tuple(packed[i]["chosen"].tolist())]] for i in range(len(packed))))
     common = [*NO_SAVE, "trainer.dpo.max_steps=3", "model.data.seq_length=64", "model.data.packing=true",
-              "model.global_batch_size=16"]
+              "model.global_batch_size=8", "model.micro_batch_size=4"]
     runs = {}
     for impl, path in (("packed_jsonl", packed_file), ("jsonl", reordered)):
         prefix = f"model.data.data_prefix={{train:[{path}],validation:null,test:null}}"
