@@ -165,11 +165,10 @@ def test_bad_data_prefix_forms_get_one_line_naming_key_and_item(tmp_path, tokeni
     assert text.startswith(message.format(a=a, b=b)) and "\n" not in text, text
 
 
-def test_packed_and_unknown_data_impls_are_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^model\.data\.data_impl='packed_jsonl' is not supported yet "
-                                         r"\(sequence packing is its own issue\); valid values: \['jsonl'\]$"):
-        check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl"}))
-    with pytest.raises(ValueError, match=r"^model\.data\.data_impl='json' is not supported; valid values: \['jsonl'\]$"):
+def test_unknown_data_impls_are_refused_in_one_line():
+    check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl"}))
+    with pytest.raises(ValueError, match=r"^model\.data\.data_impl='json' is not supported; valid values: "
+                                         r"\['jsonl', 'packed_jsonl'\]$"):
         check_data_impl(OmegaConf.create({"data_impl": "json"}))
 
 

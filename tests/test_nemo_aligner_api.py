@@ -48,9 +48,9 @@ def test_refusals_name_what_is_not_supported_yet():
     from nemo_dpo.data.nlp.datasets import DPOPackedDataset
     from nemo_dpo.utils.train_script_utils import init_peft
 
-    with pytest.raises(NotImplementedError, match="packed DPO data .* not supported yet"):
-        build_train_valid_test_dpo_packed_datasets(cfg=None, data_prefix=None)
-    with pytest.raises(NotImplementedError, match="not supported yet"):
+    with pytest.raises(ValueError, match="needs data_impl='packed_jsonl', got 'jsonl'"):
+        build_train_valid_test_dpo_packed_datasets(None, None, "jsonl", None, None, 64, 0, None)
+    with pytest.raises(ValueError, match=r"^x\.npy: cannot read"):
         DPOPackedDataset(None, None, "train", "x.npy", None, None, 64, 0)
     with pytest.raises(NotImplementedError, match="LoRA / PEFT is not supported yet"):
         init_peft(None, OmegaConf.create({"peft": {"peft_scheme": "lora", "restore_from_path": None}}))

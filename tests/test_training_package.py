@@ -44,9 +44,7 @@ def test_data_impl_jsonl_is_accepted():
 
 
 @pytest.mark.parametrize("impl,message", [
-    ("packed_jsonl", r"model\.data\.data_impl='packed_jsonl' is not supported yet \(sequence packing is its own "
-                     r"issue\); valid values: \['jsonl'\]"),
-    ("mmap", r"model\.data\.data_impl='mmap' is not supported; valid values: \['jsonl'\]"),
+    ("mmap", r"model\.data\.data_impl='mmap' is not supported; valid values: \['jsonl', 'packed_jsonl'\]"),
 ])
 def test_other_data_impls_are_refused_before_any_work(tmp_path, impl, message):
     cfg = compose_config([f"model.data.data_impl={impl}", f"exp_manager.explicit_log_dir={tmp_path / 'run'}"])

@@ -114,8 +114,8 @@ def load_jsonl(path: str | Path, max_record_chars: int | None = None) -> JsonlRe
                 continue
             if line_number == 1 and line.startswith(_NPY_MAGIC):
                 raise PreferenceDataError(
-                    f"{path}: a NumPy .npy file, not JSONL text (packed .npy data, model.data.data_impl="
-                    "packed_jsonl, is not supported yet)"
+                    f"{path}: a NumPy .npy file, not JSONL text (packed .npy data needs model.data.data_impl="
+                    "packed_jsonl)"
                 )
             if line_number == 1 and line.startswith(_BOM):  # editors on Windows write one
                 line, offset = line[len(_BOM) :], offset + len(_BOM)

@@ -109,9 +109,14 @@ def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
 
     Deterministic (ties keep index order). At most one bin ends up half full or less.
     """
+    return first_fit(sizes, capacity, sorted(range(len(sizes)), key=lambda i: -sizes[i]))
+
+
+def first_fit(sizes: list[int], capacity: int, order: list[int]) -> list[list[int]]:
+    """Indices of ``sizes`` in bins of total at most ``capacity``, each put in the first bin it fits, in ``order``."""
     bins: list[list[int]] = []
     room: list[int] = []
-    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+    for index in order:
         size = sizes[index]
         if size > capacity:
             raise ValueError(f"a pair of {size} tokens does not fit model.data.pack_tokens={capacity}")

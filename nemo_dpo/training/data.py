@@ -13,6 +13,7 @@ import nemo_dpo
 from nemo_dpo.data import (
     BlendedDataset,
     DPOModelDataset,
+    DPOPackedDataset,
     MegatronPretrainingBatchSampler,
     MegatronPretrainingRandomBatchSampler,
     build_dataloader,
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Used for the splits when model.data.data_prefix names no training file.
 DEFAULT_DATA_DIR = Path(nemo_dpo.__file__).resolve().parent / "assets" / "default_data"
-DATA_IMPLS = ("jsonl",)
+DATA_IMPLS = ("jsonl", "packed_jsonl")
 
 
 def check_data_impl(data_cfg: DictConfig) -> None:
@@ -32,8 +33,7 @@ def check_data_impl(data_cfg: DictConfig) -> None:
     impl = data_cfg.get("data_impl", "jsonl")
     if impl in DATA_IMPLS:
         return
-    why = " yet (sequence packing is its own issue)" if impl == "packed_jsonl" else ""
-    raise ValueError(f"model.data.data_impl={impl!r} is not supported{why}; valid values: {list(DATA_IMPLS)}")
+    raise ValueError(f"model.data.data_impl={impl!r} is not supported; valid values: {list(DATA_IMPLS)}")
 
 
 def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | BlendedDataset | None:
@@ -43,12 +43,18 @@ def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDatas
     a path, a one-element list, a blend ``[w1, path1, w2, path2, ...]`` (a
     :class:`BlendedDataset` seeded by ``model.seed``), or a dict of those per split.
     Without training data, train and validation fall back to the embedded default data.
+    With ``data_impl: packed_jsonl`` the paths are NeMo Aligner's packed ``.npy`` files,
+    read as :class:`DPOPackedDataset` (one item per pair; the model re-packs).
     """
     data_cfg = model_cfg.data
     check_data_impl(data_cfg)
     data_prefix = data_cfg.get("data_prefix")
     blend = split_data_prefix(data_prefix, split)
+    packed = data_cfg.get("data_impl", "jsonl") == "packed_jsonl"
     if blend is None and split != "test" and split_data_prefix(data_prefix, "train") is None:
+        if packed:
+            raise ValueError("model.data.data_impl='packed_jsonl' needs model.data.data_prefix to name the packed "
+                             ".npy files (the embedded default data is JSONL)")
         blend = [(1.0, DEFAULT_DATA_DIR / f"{split}.jsonl")]
     if blend is None:
         return None
@@ -56,7 +62,8 @@ def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDatas
     # A weight-0 file is checked but never drawn from, so it is not read.
     used = [(weight, path) for weight, path in blend if weight > 0]
     datasets = [
-        DPOModelDataset(model_cfg, tokenizer, split, path, None, None, seq_length, model_cfg.seed) for _, path in used
+        (DPOPackedDataset if packed else DPOModelDataset)(model_cfg, tokenizer, split, path, None, None, seq_length,
+                                                          model_cfg.seed) for _, path in used
     ]
     if len(datasets) == 1:
         return datasets[0]

@@ -300,7 +300,7 @@ NEMO_KEYS: dict[str, KeyRule] = {
     "model.optim.sched.min_lr": acted("optim/scheduler.py"),
     "model.optim.sched.max_steps": acted("optim/scheduler.py (default: the run's step count)"),
     # --- model.data ----------------------------------------------------------------------------
-    "model.data.data_impl": acted("training/data.py:check_data_impl"),
+    "model.data.data_impl": acted("training/data.py:build_dataset (jsonl; packed_jsonl: data/packed_npy.py)"),
     "model.data.data_prefix": acted("training/data.py:build_dataset"),
     "model.data.seq_length": acted("training/data.py:build_dataset (null: model.encoder_seq_length)"),
     "model.data.pad_length_to_multiple_of": acted("the collate (training/trainer.py)"),

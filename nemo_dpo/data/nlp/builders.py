@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_dpo.data.nlp.datasets import PACKED_NOT_SUPPORTED
 from nemo_dpo.data.samplers import MegatronPretrainingBatchSampler, MegatronPretrainingRandomBatchSampler
 from nemo_dpo.data.samplers import build_dataloader as build_megatron_dataloader
 from nemo_dpo.data.samplers import identity_collate
@@ -34,6 +33,8 @@ def build_train_valid_test_dpo_datasets(cfg, data_prefix, data_impl, splits_stri
     ask for that: negative or null entries, as NeMo Aligner's example passes),
     chunked JSONL (``n_chunks``, ``n_examples_per_chunk``) is not supported, and
     without a training file train and validation are the embedded default data.
+    With ``data_impl="packed_jsonl"`` the files are packed ``.npy`` files and the
+    datasets :class:`~nemo_dpo.data.DPOPackedDataset` (items are pairs).
     """
     wanted = [n for n in train_valid_test_num_samples or [] if n is not None and n >= 0]
     if wanted:
@@ -50,9 +51,19 @@ def build_train_valid_test_dpo_datasets(cfg, data_prefix, data_impl, splits_stri
     return tuple(build_dataset(model_cfg, tokenizer, split) for split in ("train", "validation", "test"))
 
 
-def build_train_valid_test_dpo_packed_datasets(*args, **kwargs):
-    """Packed DPO datasets: refused until packing lands."""
-    raise NotImplementedError(PACKED_NOT_SUPPORTED)
+def build_train_valid_test_dpo_packed_datasets(cfg, data_prefix, data_impl, splits_string,
+                                               train_valid_test_num_samples, seq_length, seed, tokenizer):
+    """Packed DPO datasets (:class:`~nemo_dpo.data.DPOPackedDataset`) of NeMo Aligner's ``.npy`` files.
+
+    ``data_impl`` must be ``packed_jsonl``. Their items are pairs, so
+    ``global_batch_size`` counts pairs (NeMo Aligner's counts packs); use
+    ``train_ds.global_collate_fn`` (or ``dpo_custom_collate``) as DPOTrainer's ``collate_fn``.
+    """
+    if data_impl != "packed_jsonl":
+        raise ValueError(
+            f"build_train_valid_test_dpo_packed_datasets needs data_impl='packed_jsonl', got {data_impl!r}")
+    return build_train_valid_test_dpo_datasets(cfg, data_prefix, data_impl, splits_string,
+                                               train_valid_test_num_samples, seq_length, seed, tokenizer)
 
 
 def build_dataloader(cfg: DictConfig, dataset, consumed_samples: int, mbs: int, gbs: int, drop_last: bool = True,
