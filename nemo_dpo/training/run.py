@@ -106,8 +106,8 @@ def build_ref_logprob_cache(cfg: DictConfig, model, tokenizer_dir, log_dir: Path
     policy's weights are loaded. Collective.
     """
     model_cfg = cfg.model
-    if not model.dpo.precompute_ref_log_probs:
-        return None
+    if not model.dpo.precompute_ref_log_probs or model.preference_loss.reference_free:
+        return None  # off, or nothing to cache: a reference-free loss never reads the reference
     weights = reference_weights_fingerprint(model)
     tokenizer = fingerprint_files([tokenizer_dir]) if tokenizer_dir and Path(tokenizer_dir).exists() else "none"
     data_cfg = OmegaConf.to_container(model_cfg.data, resolve=True)
