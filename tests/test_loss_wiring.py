@@ -75,3 +75,17 @@ def test_mixture_trains_identically_across_layouts(dist_pool, mixture_run, tmp_p
     for key in ("train/loss", "train/loss_dpo", "train/loss_sft", "train/logps_chosen_mean", "train/grad_norm",
                 "val/loss", "val/acc"):
         assert _series(got, key) == pytest.approx(_series(expected, key), abs=1e-5), key
+
+
+def test_custom_loss_example_trains_every_route(dist_pool, tmp_path):
+    from example_workers import custom_loss_example
+
+    (runs,) = dist_pool.run(1, custom_loss_example, str(tmp_path))
+    assert sorted(runs) == ["import", "register", "subclass"]
+    for route, records in runs.items():
+        losses = _series(records, "train/loss")
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), route
+    # Step 0, policy == reference: -log sigmoid(-1) for the margin loss, relu(1 - 0) for the hinge.
+    assert _series(runs["import"], "train/loss")[0] == pytest.approx(-math.log(1 / (1 + math.e)), abs=1e-6)
+    assert _series(runs["subclass"], "train/loss")[0] == pytest.approx(1.0, abs=1e-6)
+    assert "train/loss_mean_logp_margin" in runs["register"][0]
