@@ -167,7 +167,7 @@ class PackingSettings:
 
 
 @dataclass(frozen=True)
-class DPOSettings:
+class DPOSettings(PreferenceLossSettings):
     """``model.dpo``: every key with its one default (``conf/gpt_dpo.yaml`` states the same values).
 
     ``ref_policy_kl_penalty`` is the loss's beta. ``None`` for
@@ -182,9 +182,9 @@ class DPOSettings:
     (``algorithms/ref_logprob_cache.py``) in ``ref_log_probs_cache_dir``
     (``None``: ``<log dir>/ref_log_probs``).
     ``preference_loss``: a loss name or alias, ``package.module:function``, or a
-    list of them weighted by ``preference_loss_weights`` (docs/losses.md); the
-    keys from ``label_smoothing`` on are TRL's hyperparameters of those losses
-    (``PreferenceLossSettings``).
+    list of them weighted by ``preference_loss_weights`` (docs/losses.md); TRL's
+    hyperparameters of those losses (``label_smoothing``...) and their defaults
+    are those of the base class ``PreferenceLossSettings``.
     """
 
     ref_policy_kl_penalty: float = 0.3
@@ -200,16 +200,9 @@ class DPOSettings:
     ref_policy_placement: str = "auto"
     precompute_ref_log_probs: bool = False
     ref_log_probs_cache_dir: str | None = None
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    discopop_tau: float = 0.05
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-    rpo_alpha: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         for key in ("preference_loss", "preference_loss_weights"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -248,7 +241,8 @@ class DPOSettings:
     @classmethod
     def from_config(cls, dpo_cfg) -> "DPOSettings":
         """Settings from a ``model.dpo`` mapping; an unknown key is refused, naming the valid ones."""
-        valid = [f.name for f in fields(cls)]
+        loss_keys = [f.name for f in fields(PreferenceLossSettings)]
+        valid = [f.name for f in fields(cls) if f.name not in loss_keys] + loss_keys
         given = dict(dpo_cfg or {})
         unknown = sorted(set(given) - set(valid))
         if unknown:
