@@ -401,10 +401,11 @@ class MegatronGPTDPOModel:
         logratios = sequence_logprobs(pi_logprobs - ref_logprobs, segments, sequences,
                                       dpo.preference_average_log_probs)
         average = self.average_preference_inputs
+        policy = sequence_logprobs(pi_logprobs, segments, sequences, average)
         sequence_logps = (
-            sequence_logprobs(pi_logprobs, segments, sequences, average),
-            None if self.preference_loss.reference_free else sequence_logprobs(ref_logprobs, segments, sequences,
-                                                                               average),
+            policy,
+            self._reference_sums(policy, logratios, dpo.preference_average_log_probs,
+                                 lambda: sequence_logprobs(ref_logprobs, segments, sequences, average)),
             sequence_logprobs(torch.ones_like(pi_logprobs), segments, sequences, False),
         )
         preference_loss, acc = self.loss_func(
@@ -587,10 +588,11 @@ class MegatronGPTDPOModel:
             logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
         if sequence_logps is None:
             average = self.average_preference_inputs
+            policy = self.get_reduced_masked_logps(pi_logprobs, labels, cu_seqlens, average)
             sequence_logps = (
-                self.get_reduced_masked_logps(pi_logprobs, labels, cu_seqlens, average),
-                None if self.preference_loss.reference_free else
-                self.get_reduced_masked_logps(ref_logprobs, labels, cu_seqlens, average),
+                policy,
+                self._reference_sums(policy, logratios, average_log_probs, lambda: self.get_reduced_masked_logps(
+                    ref_logprobs, labels, cu_seqlens, average)),
                 (labels > -1).sum(-1),
             )
         inputs = self.preference_loss_inputs(*sequence_logps, gt_rewards)
@@ -599,7 +601,21 @@ class MegatronGPTDPOModel:
             metrics.update({f"loss_{name}": value.detach().float().mean() for name, value in output.terms.items()})
             metrics.update(logps_metrics(inputs))
         chosen, rejected = split_chosen_rejected(logratios)
-        return output.loss.mean(0), preference_accuracy(chosen, rejected)
+        return output.loss.mean(0).float(), preference_accuracy(chosen, rejected)
+
+    def _reference_sums(self, policy, logratios, logratios_averaged: bool, compute):
+        """Per-sequence reference log-probs for the loss inputs; None for a reference-free loss.
+
+        When the log-ratios were reduced like the policy's log-probs, the reference is
+        ``policy - logratio`` in float64: then the losses' ``policy - reference`` is
+        exactly the fp32 sum of per-token differences NeMo Aligner's losses use (two
+        separate fp32 sums of large log-probs would lose digits). ``compute()`` otherwise.
+        """
+        if self.preference_loss.reference_free:
+            return None
+        if logratios_averaged != self.average_preference_inputs:
+            return compute()
+        return policy.detach().double() - logratios.detach().double()
 
     def preference_loss_inputs(self, policy_logps, reference_logps, lengths, gt_rewards) -> PreferenceLossInputs:
         """``PreferenceLossInputs`` from per-sequence values, rows [all chosen; all rejected]."""
