@@ -304,11 +304,20 @@ class DPOTrainer:
         """Collate each global batch, drop sampler padding, add the reference per-token log-probs.
 
         With a reference log-prob cache they come from it, without a reference forward.
+        A reference-free loss (``model.preference_loss.reference_free``: SimPO, ORPO,
+        SFT) gets zeros and never runs the reference.
         """
-        table = self._ref_logprob_table(dataloader)
+        reference_free = getattr(getattr(self.model, "preference_loss", None), "reference_free", False)
+        table = None if reference_free else self._ref_logprob_table(dataloader)
         for items in dataloader:
             batch = _drop_sampler_padding(self.collate_fn(items))
-            logprobs = table.lookup(batch) if table is not None else self.model.get_ref_policy_logprobs(batch)
+            if reference_free:
+                pairs, seq_length = batch["chosen"].shape
+                logprobs = torch.zeros(2 * pairs, seq_length - 1, dtype=torch.float32)
+            elif table is not None:
+                logprobs = table.lookup(batch)
+            else:
+                logprobs = self.model.get_ref_policy_logprobs(batch)
             chosen, rejected = torch.split(logprobs, len(logprobs) // 2, dim=0)
             batch["ref_policy_log_probs_chosen"] = chosen
             batch["ref_policy_log_probs_rejected"] = rejected

@@ -46,15 +46,30 @@ def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, tr
                              model_cfg, tokenizer_dir: str | Path) -> Path:
     """Write a training checkpoint atomically (collective: call on every rank)."""
     rng_states = gather_objects_to_rank0(rng_state())
+    # Per rank: each data-parallel rank's loss keeps its own state (bco_pair's running mean).
+    loss_states = gather_objects_to_rank0(model.preference_loss.state_dict())
     with atomic_checkpoint_dir(folder) as staging:
         if is_rank0():
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-            write_training_state(staging / TRAINING_STATE, scheduler.state_dict(), rng_states)
+            write_training_state(staging / TRAINING_STATE, scheduler.state_dict(), rng_states, loss_states)
             (staging / OPTIMIZER_DIR).mkdir()
         write_model_folder(staging, model.model, model_cfg, tokenizer_dir)
         sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model))
         dist_checkpointing.save({"optimizer": sharded}, str(staging / OPTIMIZER_DIR))
     return Path(folder)
+
+
+def _restore_loss_state(folder: Path, model, loss_states: list[dict] | None, world: int) -> None:
+    """This rank's preference loss state; a stateful loss that cannot get its own is refused."""
+    if not model.preference_loss.state_dict():
+        return  # no stateful term
+    if loss_states is None or len(loss_states) != world:
+        raise ValueError(
+            f"{folder} holds no preference loss state for {world} ranks (saved: "
+            f"{'none' if loss_states is None else len(loss_states)}), but preference_loss "
+            f"{list(model.preference_loss.state_dict())} keeps a running state; resume with the same "
+            "number of ranks, or start a new run")
+    model.preference_loss.load_state_dict(loss_states[rank()])
 
 
 def read_trainer_state(folder: str | Path) -> dict:
@@ -98,6 +113,7 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
             set_rng_state(rng[rank()])
         elif is_rank0():
             log.warning("%s was saved by %d ranks, resuming on %d: RNG states are not restored", folder, len(rng), world)
+        _restore_loss_state(folder, model, training_state.get("loss"), world)
     return trainer_state
 
 

@@ -49,13 +49,18 @@ def set_rng_state(state: dict) -> None:
     set_accelerator_rng_state(state["cuda"])
 
 
-def write_training_state(path: Path, scheduler_state: dict, rng_states: list[dict]) -> None:
-    """Write the scheduler's state dict (plain values) and the RNG states of every rank."""
-    torch.save({"scheduler": scheduler_state, "rng": rng_states}, path)
+def write_training_state(path: Path, scheduler_state: dict, rng_states: list[dict],
+                         loss_states: list[dict] | None = None) -> None:
+    """Write the scheduler's state dict (plain values), the RNG states of every rank and, per rank,
+    the preference loss's state (``PreferenceLossMixture.state_dict()``: ``bco_pair``'s running mean)."""
+    state = {"scheduler": scheduler_state, "rng": rng_states}
+    if loss_states is not None:
+        state["loss"] = loss_states
+    torch.save(state, path)
 
 
 def read_training_state(path: Path) -> dict:
-    """``{"scheduler", "rng"}`` from ``path``, loaded without running code from it."""
+    """``{"scheduler", "rng"}`` (and ``"loss"`` when saved) from ``path``, loaded without running code from it."""
     state = load_tensors(path, _NUMPY_ARRAY_GLOBALS)
     if not isinstance(state, dict) or not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("rng"), list):
         raise ValueError("expected a dict with 'scheduler' (dict) and 'rng' (list)")

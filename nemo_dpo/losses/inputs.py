@@ -116,10 +116,15 @@ class PreferenceLossInputs:
                 raise ValueError(f"preference_loss {loss_name!r} needs the input {name}, which was not provided")
 
     def logratios(self, loss_name: str) -> tuple[Tensor, Tensor]:
-        """Per-pair ``log pi - log pi_ref`` of chosen and rejected."""
+        """Per-pair ``log pi - log pi_ref`` of chosen and rejected, in the policy log-probs' dtype.
+
+        (The model may give the reference in float64 as ``policy - logratio``, so
+        that this difference is exactly its fp32 log-ratio.)
+        """
         self.require(loss_name, "reference_chosen_logps")
-        return (self.policy_chosen_logps - self.reference_chosen_logps,
-                self.policy_rejected_logps - self.reference_rejected_logps)
+        dtype = self.policy_chosen_logps.dtype
+        return ((self.policy_chosen_logps - self.reference_chosen_logps).to(dtype),
+                (self.policy_rejected_logps - self.reference_rejected_logps).to(dtype))
 
     def lengths(self, loss_name: str) -> tuple[Tensor, Tensor]:
         """Response lengths as floats; an empty response is refused (a length-normalised loss divides by it)."""

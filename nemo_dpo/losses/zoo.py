@@ -66,7 +66,9 @@ def register_loss(name: str, *, aliases=(), reference_free=False, reads=(), chec
 
 
 def valid_loss_names() -> list[str]:
-    return sorted({*LOSS_ZOO, *LOSS_ALIASES, *PREFERENCE_LOSSES})
+    """Every name a config may use: NeMo Aligner's (``register_preference_loss``) first, then the zoo's."""
+    nemo = sorted(PREFERENCE_LOSSES)
+    return nemo + sorted({*LOSS_ZOO, *LOSS_ALIASES} - set(nemo))
 
 
 def _unknown(name: str) -> ValueError:

@@ -50,8 +50,10 @@ def load_model_from_source(model_cls, model_cfg: DictConfig, source):
     return model
 
 
-def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object, Path]:
+def load_pretrained_model(cfg: DictConfig, model_cls=None) -> tuple[MegatronGPTDPOModel, object, Path]:
     """``(model, tokenizer, tokenizer_dir)`` from ``pretrained_checkpoint.restore_from_path``.
+
+    ``model_cls``: ``MegatronGPTDPOModel`` (None) or a subclass of it.
 
     Accepts a nemo-dpo folder, a Hugging Face folder or a .nemo file (the
     embedded default model when null). The checkpoint's architecture is merged
@@ -61,5 +63,5 @@ def load_pretrained_model(cfg: DictConfig) -> tuple[MegatronGPTDPOModel, object,
     pretrained = cfg.pretrained_checkpoint
     source = open_checkpoint(pretrained.restore_from_path, (cfg.model.get("tokenizer") or {}).get("path"),
                              pretrained.get("trust_pickled_objects", False))
-    model = load_model_from_source(MegatronGPTDPOModel, cfg.model, source)
+    model = load_model_from_source(model_cls or MegatronGPTDPOModel, cfg.model, source)
     return model, model.tokenizer, source.tokenizer_dir

@@ -106,8 +106,8 @@ def build_ref_logprob_cache(cfg: DictConfig, model, tokenizer_dir, log_dir: Path
     policy's weights are loaded. Collective.
     """
     model_cfg = cfg.model
-    if not model.dpo.precompute_ref_log_probs:
-        return None
+    if not model.dpo.precompute_ref_log_probs or model.preference_loss.reference_free:
+        return None  # off, or nothing to cache: a reference-free loss never reads the reference
     weights = reference_weights_fingerprint(model)
     tokenizer = fingerprint_files([tokenizer_dir]) if tokenizer_dir and Path(tokenizer_dir).exists() else "none"
     data_cfg = OmegaConf.to_container(model_cfg.data, resolve=True)
@@ -127,8 +127,11 @@ def build_ref_logprob_cache(cfg: DictConfig, model, tokenizer_dir, log_dir: Path
                                        "settings": json.dumps(settings, sort_keys=True, default=str)}, split_parts)
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, model_cls=None) -> Path:
     """Run the DPO job ``cfg`` (``conf/gpt_dpo.yaml`` layout) on every rank; returns its log folder.
+
+    ``model_cls``: a subclass of ``MegatronGPTDPOModel`` (e.g. with its own
+    ``loss_func``) to train instead of it.
 
     Starts torch.distributed and megatron-core's groups (or joins a process group
     already started) and tears them down at the end. Metrics land in
@@ -141,7 +144,7 @@ def train(cfg: DictConfig) -> Path:
     log_dir = log_dir_of(exp)
     # After the process group is up: rank 0 picks the checkpoint for every rank.
     resume_from = resume_checkpoint(exp, log_dir / "checkpoints")
-    model, tokenizer, tokenizer_dir = load_pretrained_model(cfg)
+    model, tokenizer, tokenizer_dir = load_pretrained_model(cfg, model_cls)
     warning = GPTArchitecture.from_config(model_cfg).check_sequence_length(
         model_cfg.data.seq_length or model_cfg.encoder_seq_length
     )

@@ -22,7 +22,11 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from nemo_dpo.data.packing import PackedMicroBatch, block_causal_mask, pack_padded_batch, sequence_logprobs
 from nemo_dpo.losses import (
-    get_preference_loss,
+    PreferenceLossInputs,
+    PreferenceLossMixture,
+    PreferenceLossSettings,
+    build_preference_loss,
+    logps_metrics,
     masked_sequence_logprobs,
     preference_accuracy,
     reward_metrics,
@@ -30,6 +34,7 @@ from nemo_dpo.losses import (
 )
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+from nemo_dpo.losses.mixture import RPO_TERM
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
 from nemo_dpo.parallel.collectives import all_reduce, broadcast
@@ -38,6 +43,29 @@ from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_pa
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
 _REF_KEYS = ("ref_policy_log_probs_chosen", "ref_policy_log_probs_rejected")
+
+# Zoo losses that divide by the response length themselves (and TRL's rpo_alpha term):
+# they are given summed log-probs even with ``preference_average_log_probs``.
+LENGTH_NORMALISED_LOSSES = frozenset({"sigmoid_norm", "simpo", "orpo", "sft"})
+
+
+def _averages_preference_inputs(mixture: PreferenceLossMixture, average_log_probs: bool) -> bool:
+    """Whether the loss is given per-token means (NeMo's ``preference_average_log_probs``) instead of sums.
+
+    A selection mixing length-normalised losses with others under averaging is
+    refused: one of the two would be given what it does not expect.
+    """
+    normalised = [name for name in mixture.names if name in LENGTH_NORMALISED_LOSSES]
+    if mixture.settings.rpo_alpha is not None:
+        normalised.append("rpo_alpha")
+    if not average_log_probs or not normalised:
+        return average_log_probs
+    others = [name for name in mixture.names if name not in LENGTH_NORMALISED_LOSSES]
+    if others:
+        raise ValueError(
+            f"model.dpo.preference_average_log_probs=true cannot mix the length-normalised {normalised} "
+            f"with {others}: set it false (or select only one kind)")
+    return False
 
 
 def _split_rows(batch: dict, start: int, stop: int) -> dict:
@@ -139,7 +167,7 @@ class PackingSettings:
 
 
 @dataclass(frozen=True)
-class DPOSettings:
+class DPOSettings(PreferenceLossSettings):
     """``model.dpo``: every key with its one default (``conf/gpt_dpo.yaml`` states the same values).
 
     ``ref_policy_kl_penalty`` is the loss's beta. ``None`` for
@@ -153,13 +181,18 @@ class DPOSettings:
     validation sets computed once before training and kept on disk
     (``algorithms/ref_logprob_cache.py``) in ``ref_log_probs_cache_dir``
     (``None``: ``<log dir>/ref_log_probs``).
+    ``preference_loss``: a loss name or alias, ``package.module:function``, or a
+    list of them weighted by ``preference_loss_weights`` (docs/losses.md); TRL's
+    hyperparameters of those losses (``label_smoothing``...) and their defaults
+    are those of the base class ``PreferenceLossSettings``.
     """
 
     ref_policy_kl_penalty: float = 0.3
     preference_average_log_probs: bool = False
     sft_average_log_probs: bool | None = None
     gt_reward_scale: float = 1.0
-    preference_loss: str = "dpo"
+    preference_loss: str | tuple[str, ...] = "dpo"
+    preference_loss_weights: tuple[float, ...] | None = None
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     log_prob_forward_micro_batch_size: int | None = None
@@ -169,8 +202,16 @@ class DPOSettings:
     ref_log_probs_cache_dir: str | None = None
 
     def __post_init__(self):
-        # Fails at start-up, listing the valid names, for an unknown loss.
-        get_preference_loss(self.preference_loss)
+        super().__post_init__()
+        for key in ("preference_loss", "preference_loss_weights"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, key, tuple(value))  # a YAML list
+        # Fails at start-up for an unknown loss (listing the valid names) or unused settings.
+        _averages_preference_inputs(self.build_preference_loss(), self.preference_average_log_probs)
+        for key in ("ld_alpha", "use_weighting"):
+            if getattr(self, key) not in (None, False):
+                raise ValueError(f"model.dpo.{key} is not supported yet (the model does not compute its inputs)")
         # A negative beta inverts the objective; NaN or inf poisons every step.
         if not (math.isfinite(self.ref_policy_kl_penalty) and self.ref_policy_kl_penalty > 0):
             raise ValueError(f"model.dpo.ref_policy_kl_penalty={self.ref_policy_kl_penalty} must be a finite number > 0")
@@ -189,10 +230,19 @@ class DPOSettings:
         if self.sft_average_log_probs is None:
             object.__setattr__(self, "sft_average_log_probs", self.preference_average_log_probs)
 
+    def loss_settings(self) -> PreferenceLossSettings:
+        """The hyperparameters every term of the selected losses reads."""
+        return PreferenceLossSettings(**{f.name: getattr(self, f.name) for f in fields(PreferenceLossSettings)})
+
+    def build_preference_loss(self) -> PreferenceLossMixture:
+        """A fresh mixture of the selected losses (stateful terms start from scratch)."""
+        return build_preference_loss(self.preference_loss, self.preference_loss_weights, self.loss_settings())
+
     @classmethod
     def from_config(cls, dpo_cfg) -> "DPOSettings":
         """Settings from a ``model.dpo`` mapping; an unknown key is refused, naming the valid ones."""
-        valid = [f.name for f in fields(cls)]
+        loss_keys = [f.name for f in fields(PreferenceLossSettings)]
+        valid = [f.name for f in fields(cls) if f.name not in loss_keys] + loss_keys
         given = dict(dpo_cfg or {})
         unknown = sorted(set(given) - set(valid))
         if unknown:
@@ -217,7 +267,11 @@ class MegatronGPTDPOModel:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.dpo = DPOSettings.from_config(cfg.get("dpo"))
-        self.preference_loss_fn = get_preference_loss(self.dpo.preference_loss)
+        # The selected losses (one instance per model: bco_pair's running mean lives here).
+        self.preference_loss = self.dpo.build_preference_loss()
+        self.average_preference_inputs = _averages_preference_inputs(
+            self.preference_loss, self.dpo.preference_average_log_probs)
+        self._update_loss_state = True
         self.packing = PackingSettings.from_config(cfg)
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
@@ -284,16 +338,25 @@ class MegatronGPTDPOModel:
             def loss_func(output):
                 pi_logprobs = token_logprobs(output)
                 dpo = self.dpo
+                metrics = {}
                 if packed:
-                    preference_loss, acc, sft_loss, logratios = self._packed_losses(batch, pi_logprobs)
+                    preference_loss, acc, sft_loss, logratios = self._packed_losses(batch, pi_logprobs, metrics)
                     pairs = batch.num_pairs
                 else:
-                    preference_loss, acc, sft_loss, logratios = self._padded_losses(batch, pi_logprobs)
+                    preference_loss, acc, sft_loss, logratios = self._padded_losses(batch, pi_logprobs, metrics)
                     pairs = logratios.shape[0] // 2
                 loss = dpo.preference_loss_weight * preference_loss + dpo.sft_loss_weight * sft_loss
+                # Optional metrics (log-prob means, mixture terms): value and count, so one a
+                # custom loss_func does not report is left out rather than logged as 0.
+                names = self.loss_metric_names()
+                optional = torch.zeros(2 * len(names), dtype=torch.float64)
+                for i, name in enumerate(names):
+                    if name in metrics:
+                        optional[i], optional[len(names) + i] = float(metrics[name]) * pairs, pairs
                 return loss if loss_scale is None else loss * loss_scale(pairs), {
                     "pairs": pairs,
                     "sums": torch.stack([loss, preference_loss, sft_loss, acc]).detach() * pairs,
+                    "optional": optional,
                     "logratios": logratios.detach(),
                 }
 
@@ -301,10 +364,14 @@ class MegatronGPTDPOModel:
 
         return forward_step
 
-    def _padded_losses(self, batch: dict, pi_logprobs: torch.Tensor):
-        """Preference loss, accuracy, SFT loss and per-sequence log-ratios of a padded micro-batch."""
+    def _padded_losses(self, batch: dict, pi_logprobs: torch.Tensor, metrics: dict):
+        """Preference loss, accuracy, SFT loss and per-sequence log-ratios of a padded micro-batch.
+
+        ``metrics`` receives the optional per-micro-batch metrics (``loss_metric_names``).
+        """
         device = pi_logprobs.device
         labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(device)
+        # Zeros for a reference-free loss (augment_dataloader runs no reference forward).
         ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(device)
         gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(device)
         dpo = self.dpo
@@ -313,18 +380,18 @@ class MegatronGPTDPOModel:
         )
         preference_loss, acc = self.loss_func(
             pi_logprobs, ref_logprobs, labels, gt_rewards,
-            average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
+            average_log_probs=dpo.preference_average_log_probs, logratios=logratios, metrics=metrics,
         )
         sft_loss = torch.zeros_like(preference_loss)
         if dpo.sft_loss_weight != 0:
             sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=dpo.sft_average_log_probs)
         return preference_loss, acc, sft_loss, logratios
 
-    def _packed_losses(self, batch: PackedMicroBatch, pi_logprobs: torch.Tensor):
+    def _packed_losses(self, batch: PackedMicroBatch, pi_logprobs: torch.Tensor, metrics: dict):
         """``_padded_losses`` of a packed micro-batch: per-sequence sums gathered by segment.
 
-        ``loss_func`` gets the per-sequence log-ratios (rows [all chosen; all
-        rejected] as unpacked); its per-token arguments are the packed rows.
+        ``loss_func`` gets the per-sequence log-ratios and log-probs (rows [all
+        chosen; all rejected] as unpacked); its per-token arguments are the packed rows.
         """
         device = pi_logprobs.device
         segments = batch.target_segments().to(device)
@@ -333,9 +400,18 @@ class MegatronGPTDPOModel:
         dpo = self.dpo
         logratios = sequence_logprobs(pi_logprobs - ref_logprobs, segments, sequences,
                                       dpo.preference_average_log_probs)
+        average = self.average_preference_inputs
+        policy = sequence_logprobs(pi_logprobs, segments, sequences, average)
+        sequence_logps = (
+            policy,
+            self._reference_sums(policy, logratios, dpo.preference_average_log_probs,
+                                 lambda: sequence_logprobs(ref_logprobs, segments, sequences, average)),
+            sequence_logprobs(torch.ones_like(pi_logprobs), segments, sequences, False),
+        )
         preference_loss, acc = self.loss_func(
             pi_logprobs, ref_logprobs, batch.labels[:, 1:].to(device), batch.rewards.to(device),
             average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
+            sequence_logps=sequence_logps, metrics=metrics,
         )
         sft_loss = torch.zeros_like(preference_loss)
         if dpo.sft_loss_weight != 0:
@@ -422,23 +498,38 @@ class MegatronGPTDPOModel:
         plus ``ref_policy_log_probs_chosen/rejected`` from ``augment_dataloader``.
         """
         pairs = batch["chosen"].shape[0]
+        self._update_loss_state = not forward_only  # bco_pair's running mean moves in training only
         reports = self._run_schedule(batch, self.cfg.micro_batch_size, forward_only, False)[0] if pairs else []
         return self._reduce_metrics(reports)
 
     def _reduce_metrics(self, reports: list[dict]) -> tuple[float, dict[str, float]]:
         """Loss and metrics of the global batch from this rank's micro-batch reports."""
-        totals = torch.zeros(5, dtype=torch.float64)  # loss, preference, sft, acc (x pairs), pairs
+        names = self.loss_metric_names()
+        # loss, preference, sft, acc (x pairs), pairs; then each optional metric (x pairs) and its pairs
+        totals = torch.zeros(5 + 2 * len(names), dtype=torch.float64)
         logratios = torch.zeros(0, 2)
         if reports:
             totals[:4] = torch.stack([r["sums"].double().cpu() for r in reports]).sum(0)
             totals[4] = sum(r["pairs"] for r in reports)
+            totals[5:] = torch.stack([r["optional"] for r in reports]).sum(0)
             logratios = torch.cat([torch.stack(split_chosen_rejected(r["logratios"].float().cpu()), 1) for r in reports])
         totals, logratios = reduce_global_batch(totals, logratios)
         loss, preference_loss, sft_loss, acc = (totals[:4] / max(totals[4].item(), 1.0)).tolist()
         metrics = {"loss": loss, "sft_loss": sft_loss, "preference_loss": preference_loss, "acc": acc}
         stats = reward_metrics(logratios[:, 0], logratios[:, 1], self.dpo.ref_policy_kl_penalty)
         metrics.update({key: value.item() for key, value in stats.items()})
+        metrics["rewards_margin_mean"] = metrics["rewards_chosen_mean"] - metrics["rewards_rejected_mean"]
+        optional_sums, optional_pairs = totals[5:5 + len(names)], totals[5 + len(names):]
+        metrics.update({name: (value / count).item()
+                        for name, value, count in zip(names, optional_sums, optional_pairs) if count > 0})
         return loss, metrics
+
+    def loss_metric_names(self) -> list[str]:
+        """Per-micro-batch metrics besides NeMo Aligner's: log-prob means and each loss term (``loss_<name>``)."""
+        terms = list(self.preference_loss.names)
+        if self.preference_loss.settings.rpo_alpha is not None:
+            terms.append(RPO_TERM)
+        return ["logps_chosen_mean", "logps_rejected_mean", *(f"loss_{name}" for name in terms)]
 
     @torch.no_grad()
     def get_logprob_batch(self, batch: dict) -> torch.Tensor:
@@ -479,24 +570,68 @@ class MegatronGPTDPOModel:
         return masked_sequence_logprobs(logps, labels > -1, average=average_log_probs)
 
     def loss_func(self, pi_logprobs, ref_logprobs, labels, gt_rewards, cu_seqlens=None, average_log_probs=False,
-                  logratios=None):
+                  logratios=None, sequence_logps=None, metrics=None):
         """Preference loss of one micro-batch (mean over pairs) and its accuracy.
 
         Override in a subclass for a custom loss; inputs are per-token, rows
-        [all chosen; all rejected], labels already aligned with the log-probs.
+        [all chosen; all rejected], labels already aligned with the log-probs
+        (with a reference-free loss ``ref_logprobs`` holds zeros).
         ``logratios``: the per-sequence policy-minus-reference log-probs when the
         caller already has them (the training step passes them, so they are
         computed once); derived from the token log-probs when None.
+        ``sequence_logps``: per-sequence ``(policy, reference or None, response
+        lengths)`` when the caller has them (packed rows); derived from the
+        token log-probs and labels when None. ``metrics``: a dict this fills
+        with the optional metrics of :meth:`loss_metric_names`.
         """
         if logratios is None:
             logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
+        if sequence_logps is None:
+            average = self.average_preference_inputs
+            policy = self.get_reduced_masked_logps(pi_logprobs, labels, cu_seqlens, average)
+            sequence_logps = (
+                policy,
+                self._reference_sums(policy, logratios, average_log_probs, lambda: self.get_reduced_masked_logps(
+                    ref_logprobs, labels, cu_seqlens, average)),
+                (labels > -1).sum(-1),
+            )
+        inputs = self.preference_loss_inputs(*sequence_logps, gt_rewards)
+        output = self.preference_loss(inputs)
+        if metrics is not None:
+            metrics.update({f"loss_{name}": value.detach().float().mean() for name, value in output.terms.items()})
+            metrics.update(logps_metrics(inputs))
         chosen, rejected = split_chosen_rejected(logratios)
+        return output.loss.mean(0).float(), preference_accuracy(chosen, rejected)
+
+    def _reference_sums(self, policy, logratios, logratios_averaged: bool, compute):
+        """Per-sequence reference log-probs for the loss inputs; None for a reference-free loss.
+
+        When the log-ratios were reduced like the policy's log-probs, the reference is
+        ``policy - logratio`` in float64: then the losses' ``policy - reference`` is
+        exactly the fp32 sum of per-token differences NeMo Aligner's losses use (two
+        separate fp32 sums of large log-probs would lose digits). ``compute()`` otherwise.
+        """
+        if self.preference_loss.reference_free:
+            return None
+        if logratios_averaged != self.average_preference_inputs:
+            return compute()
+        return policy.detach().double() - logratios.detach().double()
+
+    def preference_loss_inputs(self, policy_logps, reference_logps, lengths, gt_rewards) -> PreferenceLossInputs:
+        """``PreferenceLossInputs`` from per-sequence values, rows [all chosen; all rejected]."""
+        policy_chosen, policy_rejected = split_chosen_rejected(policy_logps)
+        reference_chosen, reference_rejected = (None, None) if reference_logps is None else (
+            split_chosen_rejected(reference_logps.detach()))
+        chosen_lengths, rejected_lengths = split_chosen_rejected(lengths)
         gt_chosen, gt_rejected = split_chosen_rejected(gt_rewards)
-        loss = self.preference_loss_fn(
-            chosen, rejected, beta=self.dpo.ref_policy_kl_penalty,
+        return PreferenceLossInputs(
+            policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected,
+            beta=self.dpo.ref_policy_kl_penalty,
+            reference_chosen_logps=reference_chosen, reference_rejected_logps=reference_rejected,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
             gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=self.dpo.gt_reward_scale,
-        ).mean(0)
-        return loss, preference_accuracy(chosen, rejected)
+            update_state=self._update_loss_state,
+        )
 
     def sft_loss_func(self, pi_logprobs, labels, cu_seqlens=None, average_log_probs=False):
         """Negative log-likelihood of the chosen responses (mean over pairs)."""
