@@ -75,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--pp", type=int, default=1)
     run.add_argument("--steps", type=int, default=5, help="measured steps")
     run.add_argument("--warmup-steps", type=int, default=2, help="full steps run before measuring")
+    run.add_argument("--packing", action="store_true",
+                     help="model.data.packing: whole pairs packed into rows of micro-batch x 2 x seq-length tokens")
     run.add_argument("--ref-placement", choices=("auto", "device", "cpu"), default="auto",
                      help="model.dpo.ref_policy_placement: where the frozen reference weights live")
     run.add_argument("--threads", type=int, default=None,
@@ -127,6 +129,7 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size,
                  ref_policy_placement=args.ref_placement),
+        data=dict(packing=args.packing),
     ))
 
 
@@ -348,6 +351,7 @@ def main() -> None:
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
         ref_share=sum(ref_times) / elapsed,
         ref_placement=model.reference_policy.placement, ref_placement_requested=args.ref_placement,
+        packing=args.packing,
         # Medians: one slow step (a busy machine) does not decide the ratio.
         ref_over_policy_forward=statistics.median(ref_times) / statistics.median(policy_forward_times),
         ref_forward_s_median=statistics.median(ref_times),
@@ -388,6 +392,7 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("reference-forward share of step time", f"{r['ref_share']:.1%}"),
         ("reference-forward share of model FLOPs", f"{r['ref_flops_share']:.1%}"),
         ("reference placement (requested)", f"{r['ref_placement']} ({r['ref_placement_requested']})"),
+        ("packing", "on" if r["packing"] else "off"),
         ("reference / plain policy forward, median s",
          f"{r['ref_forward_s_median']:.4f} / {r['policy_forward_s_median']:.4f}"),
         ("reference over plain policy forward (medians)", f"{r['ref_over_policy_forward']:.2f}x"),
