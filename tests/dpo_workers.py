@@ -20,7 +20,7 @@ from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.optim.scheduler import CosineAnnealing
 from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
-from nemo_dpo.training.run import reference_weights_fingerprint
+from nemo_dpo.training.ref_cache import reference_weights_fingerprint
 from nemo_dpo.utils.metrics_logger import MetricsLogger
 from nemo_dpo.utils.run_timer import RunTimer
 
