@@ -156,8 +156,11 @@ def params_per_rank(shape: Shape, layout: Layout) -> int:
     return layers + vocab_matrix + shape.hidden
 
 
-def static_bytes(params: int, precision: str, layout: Layout) -> dict[str, int]:
-    """Bytes of weights, gradient buffer, optimizer state (masters + Adam) and reference for ``params``."""
+def static_bytes(params: int, precision: str, layout: Layout, reference: bool = True) -> dict[str, int]:
+    """Bytes of weights, gradient buffer, optimizer state (masters + Adam) and reference for ``params``.
+
+    ``reference``: False for a reference-free loss (SimPO, ORPO), which keeps no reference copy.
+    """
     weight = 4 if precision == "fp32" else 2
     optimizer = 8 if precision == "fp32" else 12  # Adam m, v (+ fp32 master in bf16)
     if layout.sharded_optimizer:
@@ -165,7 +168,7 @@ def static_bytes(params: int, precision: str, layout: Layout) -> dict[str, int]:
     else:
         optimizer_bytes = params * optimizer
     parts = dict(weights=params * weight, gradients=params * 4, optimizer=optimizer_bytes,
-                 reference=params * weight)
+                 reference=params * weight if reference else 0)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -297,11 +300,13 @@ class Config:
     recompute: str = "none"
     chunk: int | None = None
     procs: int = 1
+    loss: str = "dpo"
 
 
 CONFIGS = [
     Config("fp32", precision="fp32"),
     Config("fp32-chunk", precision="fp32", chunk=256),
+    Config("fp32-simpo", precision="fp32", loss="simpo"),
     Config("bf16"),
     Config("bf16-chunk", chunk=256),
     Config("bf16-selective", recompute="selective"),
@@ -354,7 +359,7 @@ def model_config(args: argparse.Namespace, config: Config, dp: int):
         activations_checkpoint_method="uniform" if full else None,
         activations_checkpoint_num_layers=1 if full else None,
         optim=dict(name=config.optimizer, lr=1e-5, weight_decay=0.01),
-        dpo=dict(ref_policy_kl_penalty=0.1, log_prob_chunk_size=config.chunk),
+        dpo=dict(ref_policy_kl_penalty=0.1, log_prob_chunk_size=config.chunk, preference_loss=config.loss),
     ))
 
 
@@ -533,8 +538,9 @@ def run_worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         gpu_peaks["before_step"] = torch.cuda.memory_allocated()
-    batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = (
-        model.get_ref_policy_logprobs(batch).chunk(2))
+    if model.reference_policy is not None:  # a reference-free loss runs no reference pass
+        batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = (
+            model.get_ref_policy_logprobs(batch).chunk(2))
     if on_gpu:
         torch.cuda.synchronize()
         gpu_peaks["reference"] = torch.cuda.max_memory_allocated()
@@ -593,7 +599,8 @@ def formula_for(record: dict, args: argparse.Namespace) -> dict:
     layout = Layout(dp=record["dp"], sharded_optimizer=config.optimizer == "distributed_fused_adam")
     dtype_bytes = 4 if config.precision == "fp32" else 2
     rows = 2 * args.micro_batch_size
-    static = static_bytes(params_per_rank(shape, layout), config.precision, layout)
+    static = static_bytes(params_per_rank(shape, layout), config.precision, layout,
+                          reference=config.loss not in ("simpo", "orpo"))
     act = activation_bytes(shape, rows, args.seq_length, dtype_bytes, layout, config.recompute, config.chunk)
     return dict(static=static, activations_forward=act["forward"], activations_peak=act["saved_peak"],
                 step_peak=static["total"] + act["peak"],

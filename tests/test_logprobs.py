@@ -3,7 +3,13 @@
 import torch
 import torch.distributed as dist
 
-from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
+import pytest
+
+from nemo_dpo.parallel.logprobs import (
+    chunked_vocab_parallel_log_sum_squared_probs,
+    vocab_parallel_log_sum_squared_probs,
+    vocab_parallel_logprobs,
+)
 
 PADDED_VOCAB = 16  # 8 per rank at TP=2
 REAL_VOCAB = 13  # the last three entries are vocab padding
@@ -90,3 +96,25 @@ def test_unpadded_vocab_default():
         vocab_parallel_logprobs(logits, target).double(), reference_logprobs(logits, target, REAL_VOCAB),
         atol=1e-6, rtol=0,
     )
+
+
+def shard_log_sum_squared(logits, hidden, weight):
+    """On each rank: WPO's ``log sum_v p_v ** 2`` from its vocab shard of logits, and chunk by chunk from hidden states."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    whole = vocab_parallel_log_sum_squared_probs(logits.chunk(world, dim=-1)[rank], REAL_VOCAB, group=dist.group.WORLD)
+    chunked = chunked_vocab_parallel_log_sum_squared_probs(
+        hidden, weight.chunk(world, dim=0)[rank], 4, REAL_VOCAB, group=dist.group.WORLD)
+    return whole, chunked
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_log_sum_squared_probs_match_the_softmax(dist_pool, world):
+    logits, _ = make_inputs(scale=8.0)
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(3, 5, 6, generator=gen), torch.randn(PADDED_VOCAB, 6, generator=gen) * 3
+    weight[REAL_VOCAB:] = 10.0  # large padding logits: no probability mass
+    for whole, chunked in dist_pool.run(world, shard_log_sum_squared, logits, hidden, weight):
+        for got, source in ((whole, logits), (chunked, hidden @ weight.t())):
+            probs = torch.softmax(source[..., :REAL_VOCAB].double(), dim=-1)
+            assert got.dtype == torch.float32 and not got.requires_grad
+            torch.testing.assert_close(got.double(), (probs ** 2).sum(-1).log(), atol=1e-6, rtol=0)

@@ -24,9 +24,6 @@ def test_settings_select_zoo_losses_and_refuse_what_the_model_cannot_give():
         DPOSettings.from_config({"preference_loss": "simpoo"})
     with pytest.raises(ValueError, match="model.dpo.simpo_gamma is set, but no selected preference_loss"):
         DPOSettings.from_config({"preference_loss": "dpo", "simpo_gamma": 1.0})
-    for key, value in (("ld_alpha", 0.5), ("use_weighting", True)):
-        with pytest.raises(ValueError, match=f"model.dpo.{key} is not supported yet"):
-            DPOSettings.from_config({key: value})
     with pytest.raises(ValueError, match="cannot mix the length-normalised"):
         DPOSettings.from_config({**MIXTURE, "preference_average_log_probs": True})
     DPOSettings.from_config({"preference_loss": "simpo", "preference_average_log_probs": True})
@@ -50,10 +47,34 @@ def test_reference_free_loss_never_runs_the_reference(dist_pool, tmp_path):
     assert len(_series(result["records"], "train/logps_chosen_mean")) == 3
 
 
+def reference_free_model_keeps_no_reference() -> dict:
+    from dpo_workers import EOS, VOCAB, model_config
+    from nemo_dpo.algorithms.dpo import dpo_custom_collate
+    from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+    from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
+
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    model = MegatronGPTDPOModel(model_config(2, 2, preference_loss="simpo"), VOCAB)
+    out = {"reference": model.reference_policy}
+    with pytest.raises(ValueError, match=r"preference_loss \['simpo'\] is reference-free"):
+        model.get_ref_policy_logprobs({})
+    with pytest.warns(UserWarning, match="reference weights assigned to ref_policy_state_dict are not kept"):
+        model.ref_policy_state_dict = {}
+    # Batches without reference log-probs train: the loss never reads them.
+    model.prepare_for_training_step()
+    out["loss"], _ = model.get_loss_and_metrics(dpo_custom_collate(synthetic_pairs(2), eos_id=EOS), forward_only=False)
+    return out
+
+
+def test_reference_free_model_keeps_no_reference_copy(dist_pool):
+    (out,) = dist_pool.run(1, reference_free_model_keeps_no_reference)
+    assert out["reference"] is None and math.isfinite(out["loss"])
+
+
 @pytest.fixture(scope="module")
 def mixture_run(dist_pool, tmp_path_factory):
     items = synthetic_pairs(11)
-    records = dist_pool.run(1, train_dpo, 1, 1, 2, 4, 3, items, str(tmp_path_factory.mktemp("mix")), MIXTURE)
+    records = dist_pool.run(1, train_dpo, 1, 1, 2, 4, 5, items, str(tmp_path_factory.mktemp("mix")), MIXTURE)
     return items, records[0]["records"]
 
 
@@ -71,7 +92,7 @@ def test_mixture_is_the_weighted_sum_of_its_terms(dist_pool, mixture_run, tmp_pa
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=str)
 def test_mixture_trains_identically_across_layouts(dist_pool, mixture_run, tmp_path, tp, pp):
     items, expected = mixture_run
-    got = dist_pool.run(2, train_dpo, tp, pp, 2, 4, 3, items, str(tmp_path), MIXTURE)[0]["records"]
+    got = dist_pool.run(2, train_dpo, tp, pp, 2, 4, 5, items, str(tmp_path), MIXTURE)[0]["records"]
     for key in ("train/loss", "train/loss_dpo", "train/loss_sft", "train/logps_chosen_mean", "train/grad_norm",
                 "val/loss", "val/acc"):
         assert _series(got, key) == pytest.approx(_series(expected, key), abs=1e-5), key

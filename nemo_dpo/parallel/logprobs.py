@@ -191,3 +191,45 @@ def chunked_vocab_parallel_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), vocab_size, group, chunk_size
     )
     return flat.view(target.shape)
+
+
+def _log_sum_squared_probs(shifted: torch.Tensor, group) -> torch.Tensor:
+    """``log sum_v softmax(z)_v ** 2`` per token from masked fp32 logits ``shifted`` (modified in place).
+
+    ``= log sum exp(2 (z - m)) - 2 log sum exp(z - m)`` with ``m`` the global max,
+    both sums reduced over the vocab shards.
+    """
+    global_max = _all_reduce(shifted.amax(dim=-1), dist.ReduceOp.MAX, group)
+    shifted.sub_(global_max.unsqueeze(-1))
+    sum_exp = _all_reduce(shifted.exp().sum(dim=-1), dist.ReduceOp.SUM, group)
+    sum_exp_squared = _all_reduce(shifted.mul_(2).exp_().sum(dim=-1), dist.ReduceOp.SUM, group)
+    return sum_exp_squared.log() - 2 * sum_exp.log()
+
+
+@torch.no_grad()
+def vocab_parallel_log_sum_squared_probs(
+    logits: torch.Tensor, vocab_size: int | None = None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """fp32 ``log sum_v p_v ** 2`` of each token's full next-token distribution, without gradient.
+
+    WPO's aligned log-prob of a token is its log-prob minus this. Arguments as
+    for ``vocab_parallel_logprobs``.
+    """
+    group, vocab_size = _resolve_group_and_vocab(logits.shape[-1], vocab_size, group)
+    start = _shard_start(logits.shape[-1], group)
+    return _log_sum_squared_probs(_masked_fp32(logits, vocab_size, start), group)
+
+
+@torch.no_grad()
+def chunked_vocab_parallel_log_sum_squared_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, vocab_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``vocab_parallel_log_sum_squared_probs(hidden @ weight.T)``, ``chunk_size`` tokens at a time."""
+    group, vocab_size = _resolve_group_and_vocab(weight.shape[0], vocab_size, group)
+    start = _shard_start(weight.shape[0], group)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=hidden.device)
+    for rows in _chunks(flat.shape[0], chunk_size):
+        out[rows] = _log_sum_squared_probs(_masked_fp32(F.linear(flat[rows], weight), vocab_size, start), group)
+    return out.view(hidden.shape[:-1])

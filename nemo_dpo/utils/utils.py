@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_dpo.models.nlp.gpt.reference_policy import named_parameters_of_chunks
 from nemo_dpo.training.model import load_model_from_source, merge_checkpoint_config, open_checkpoint
 from nemo_dpo.utils.train_script_utils import model_state
 
@@ -59,4 +60,5 @@ def retrieve_model_state_dict_in_cpu(model, megatron_amp_O2: bool = True) -> dic
 
     ``megatron_amp_O2`` has no effect: the copy is in the layout the model itself uses.
     """
-    return {name: weight.to("cpu", copy=True) for name, weight in model.reference_policy.policy_state_dict().items()}
+    return {name: weight.detach().to("cpu", copy=True)
+            for name, weight in named_parameters_of_chunks(model.model).items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,7 +40,17 @@ from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
 from nemo_dpo.parallel.collectives import all_reduce, broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
-from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
+from nemo_dpo.models.nlp.gpt.optional_loss_inputs import (
+    OPTIONAL_INPUT_FIELDS,
+    optional_sequence_inputs,
+    padded_segments,
+)
+from nemo_dpo.parallel.logprobs import (
+    chunked_vocab_parallel_log_sum_squared_probs,
+    chunked_vocab_parallel_logprobs,
+    vocab_parallel_log_sum_squared_probs,
+    vocab_parallel_logprobs,
+)
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
 _REF_KEYS = ("ref_policy_log_probs_chosen", "ref_policy_log_probs_rejected")
@@ -209,9 +220,8 @@ class DPOSettings(PreferenceLossSettings):
                 object.__setattr__(self, key, tuple(value))  # a YAML list
         # Fails at start-up for an unknown loss (listing the valid names) or unused settings.
         _averages_preference_inputs(self.build_preference_loss(), self.preference_average_log_probs)
-        for key in ("ld_alpha", "use_weighting"):
-            if getattr(self, key) not in (None, False):
-                raise ValueError(f"model.dpo.{key} is not supported yet (the model does not compute its inputs)")
+        if self.ld_alpha is not None and self.preference_average_log_probs:
+            raise ValueError("model.dpo.ld_alpha re-weights summed log-probs: set preference_average_log_probs false")
         # A negative beta inverts the objective; NaN or inf poisons every step.
         if not (math.isfinite(self.ref_policy_kl_penalty) and self.ref_policy_kl_penalty > 0):
             raise ValueError(f"model.dpo.ref_policy_kl_penalty={self.ref_policy_kl_penalty} must be a finite number > 0")
@@ -280,17 +290,29 @@ class MegatronGPTDPOModel:
         params_dtype = precision_dtype(cfg.get("precision", 32))
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
-        self.reference_policy = ReferencePolicy(self.model, self.dpo.ref_policy_placement)
+        # A reference-free loss never reads the reference: no frozen copy is kept.
+        self.reference_policy = (None if self.preference_loss.reference_free
+                                 else ReferencePolicy(self.model, self.dpo.ref_policy_placement))
 
     @property
     def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen reference weights by ``<chunk>.<parameter name>`` (where they live, not copies)."""
-        return self.reference_policy.state_dict()
+        return self._require_reference().state_dict()
 
     @ref_policy_state_dict.setter
     def ref_policy_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         # NeMo Aligner scripts assign the reference this way.
+        if self.reference_policy is None:
+            warnings.warn(f"preference_loss {list(self.preference_loss.names)} is reference-free: "
+                          "the reference weights assigned to ref_policy_state_dict are not kept", stacklevel=2)
+            return
         self.reference_policy.load_state_dict(weights)
+
+    def _require_reference(self) -> ReferencePolicy:
+        if self.reference_policy is None:
+            raise ValueError(f"preference_loss {list(self.preference_loss.names)} is reference-free: "
+                             "the model keeps no reference policy")
+        return self.reference_policy
 
     # ----------------------------------------------------------------- forward
     def _forward_step_func(self, logprobs_only: bool, loss_scale=None):
@@ -323,14 +345,24 @@ class MegatronGPTDPOModel:
                     stack.enter_context(_rotary_at_position_ids(gpt, positions.to(device)))
                 output = model(tokens.to(device), positions.to(device), mask)
 
+            def output_weight():
+                # The weight GPTModel itself hands its output layer.
+                return (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
+                        else gpt.output_layer.weight)
+
             def token_logprobs(output):
                 targets = tokens[:, 1:].to(output.device)
                 if not chunked:
                     return vocab_parallel_logprobs(output[:, :-1], targets, self.vocab_size)
-                # The weight GPTModel itself hands its output layer.
-                weight = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
-                          else gpt.output_layer.weight)
-                return chunked_vocab_parallel_logprobs(output[:, :-1], weight, targets, chunk_size, self.vocab_size)
+                return chunked_vocab_parallel_logprobs(output[:, :-1], output_weight(), targets, chunk_size,
+                                                       self.vocab_size)
+
+            def aligned_logprobs(output, logprobs):
+                """WPO's per-token ``log p(y_t) - log sum_v p_v ** 2``, without gradient."""
+                if not chunked:
+                    return logprobs.detach() - vocab_parallel_log_sum_squared_probs(output[:, :-1], self.vocab_size)
+                return logprobs.detach() - chunked_vocab_parallel_log_sum_squared_probs(
+                    output[:, :-1], output_weight(), chunk_size, self.vocab_size)
 
             if logprobs_only:
                 return output, lambda output: (torch.zeros(()), {"logprobs": token_logprobs(output).detach()})
@@ -339,11 +371,14 @@ class MegatronGPTDPOModel:
                 pi_logprobs = token_logprobs(output)
                 dpo = self.dpo
                 metrics = {}
+                weighting = aligned_logprobs(output, pi_logprobs) if dpo.use_weighting else None
                 if packed:
-                    preference_loss, acc, sft_loss, logratios = self._packed_losses(batch, pi_logprobs, metrics)
+                    preference_loss, acc, sft_loss, logratios = self._packed_losses(
+                        batch, pi_logprobs, metrics, weighting)
                     pairs = batch.num_pairs
                 else:
-                    preference_loss, acc, sft_loss, logratios = self._padded_losses(batch, pi_logprobs, metrics)
+                    preference_loss, acc, sft_loss, logratios = self._padded_losses(
+                        batch, pi_logprobs, metrics, weighting)
                     pairs = logratios.shape[0] // 2
                 loss = dpo.preference_loss_weight * preference_loss + dpo.sft_loss_weight * sft_loss
                 # Optional metrics (log-prob means, mixture terms): value and count, so one a
@@ -364,15 +399,16 @@ class MegatronGPTDPOModel:
 
         return forward_step
 
-    def _padded_losses(self, batch: dict, pi_logprobs: torch.Tensor, metrics: dict):
+    def _padded_losses(self, batch: dict, pi_logprobs: torch.Tensor, metrics: dict, weighting=None):
         """Preference loss, accuracy, SFT loss and per-sequence log-ratios of a padded micro-batch.
 
-        ``metrics`` receives the optional per-micro-batch metrics (``loss_metric_names``).
+        ``metrics`` receives the optional per-micro-batch metrics (``loss_metric_names``);
+        ``weighting``: WPO's per-token aligned log-probs when ``use_weighting``.
         """
         device = pi_logprobs.device
         labels = _pair_rows(batch, "chosen_labels", "rejected_labels")[:, 1:].to(device)
-        # Zeros for a reference-free loss (augment_dataloader runs no reference forward).
-        ref_logprobs = _pair_rows(batch, *_REF_KEYS).to(device)
+        ref_logprobs = self._reference_token_logprobs(
+            _pair_rows(batch, *_REF_KEYS) if _REF_KEYS[0] in batch else None, pi_logprobs)
         gt_rewards = _pair_rows(batch, "chosen_rewards", "rejected_rewards").to(device)
         dpo = self.dpo
         logratios = self.get_reduced_masked_logps(
@@ -381,13 +417,15 @@ class MegatronGPTDPOModel:
         preference_loss, acc = self.loss_func(
             pi_logprobs, ref_logprobs, labels, gt_rewards,
             average_log_probs=dpo.preference_average_log_probs, logratios=logratios, metrics=metrics,
+            optional_inputs=self._optional_inputs(padded_segments(labels), (labels > -1).sum(-1), pi_logprobs,
+                                                  ref_logprobs, weighting),
         )
         sft_loss = torch.zeros_like(preference_loss)
         if dpo.sft_loss_weight != 0:
             sft_loss = self.sft_loss_func(pi_logprobs, labels, average_log_probs=dpo.sft_average_log_probs)
         return preference_loss, acc, sft_loss, logratios
 
-    def _packed_losses(self, batch: PackedMicroBatch, pi_logprobs: torch.Tensor, metrics: dict):
+    def _packed_losses(self, batch: PackedMicroBatch, pi_logprobs: torch.Tensor, metrics: dict, weighting=None):
         """``_padded_losses`` of a packed micro-batch: per-sequence sums gathered by segment.
 
         ``loss_func`` gets the per-sequence log-ratios and log-probs (rows [all
@@ -395,23 +433,25 @@ class MegatronGPTDPOModel:
         """
         device = pi_logprobs.device
         segments = batch.target_segments().to(device)
-        ref_logprobs = batch.ref_logprobs.to(device)
+        ref_logprobs = self._reference_token_logprobs(batch.ref_logprobs, pi_logprobs)
         sequences = 2 * batch.num_pairs
         dpo = self.dpo
         logratios = sequence_logprobs(pi_logprobs - ref_logprobs, segments, sequences,
                                       dpo.preference_average_log_probs)
         average = self.average_preference_inputs
         policy = sequence_logprobs(pi_logprobs, segments, sequences, average)
+        lengths = sequence_logprobs(torch.ones_like(pi_logprobs), segments, sequences, False)
         sequence_logps = (
             policy,
             self._reference_sums(policy, logratios, dpo.preference_average_log_probs,
                                  lambda: sequence_logprobs(ref_logprobs, segments, sequences, average)),
-            sequence_logprobs(torch.ones_like(pi_logprobs), segments, sequences, False),
+            lengths,
         )
         preference_loss, acc = self.loss_func(
             pi_logprobs, ref_logprobs, batch.labels[:, 1:].to(device), batch.rewards.to(device),
             average_log_probs=dpo.preference_average_log_probs, logratios=logratios,
             sequence_logps=sequence_logps, metrics=metrics,
+            optional_inputs=self._optional_inputs(segments, lengths, pi_logprobs, ref_logprobs, weighting),
         )
         sft_loss = torch.zeros_like(preference_loss)
         if dpo.sft_loss_weight != 0:
@@ -419,6 +459,15 @@ class MegatronGPTDPOModel:
                 sequence_logprobs(pi_logprobs, segments, sequences, dpo.sft_average_log_probs))
             sft_loss = -chosen.mean(0)
         return preference_loss, acc, sft_loss, logratios
+
+    def _reference_token_logprobs(self, ref_logprobs: torch.Tensor | None, pi_logprobs: torch.Tensor) -> torch.Tensor:
+        """The batch's reference log-probs on the policy's device; zeros for a reference-free loss without them."""
+        if ref_logprobs is not None:
+            return ref_logprobs.to(pi_logprobs.device)
+        if not self.preference_loss.reference_free:
+            raise ValueError("the batch has no reference log-probs (ref_policy_log_probs_chosen/_rejected): "
+                             "compute them with get_ref_policy_logprobs first")
+        return torch.zeros_like(pi_logprobs, dtype=torch.float32)
 
     def _run_schedule(self, batch: dict, micro_batch_size: int, forward_only: bool, logprobs_only: bool):
         """This rank's micro-batch reports, and the ``PackingPlan`` when packing (else None)."""
@@ -560,7 +609,7 @@ class MegatronGPTDPOModel:
 
     def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
         """``get_logprob_batch`` with the frozen reference weights put in the policy's place."""
-        with self.reference_policy.active():
+        with self._require_reference().active():
             return self.get_logprob_batch(batch)
 
     def get_reduced_masked_logps(self, logps, labels, cu_seqlens=None, average_log_probs=False):
@@ -570,7 +619,7 @@ class MegatronGPTDPOModel:
         return masked_sequence_logprobs(logps, labels > -1, average=average_log_probs)
 
     def loss_func(self, pi_logprobs, ref_logprobs, labels, gt_rewards, cu_seqlens=None, average_log_probs=False,
-                  logratios=None, sequence_logps=None, metrics=None):
+                  logratios=None, sequence_logps=None, metrics=None, optional_inputs=None):
         """Preference loss of one micro-batch (mean over pairs) and its accuracy.
 
         Override in a subclass for a custom loss; inputs are per-token, rows
@@ -582,7 +631,8 @@ class MegatronGPTDPOModel:
         ``sequence_logps``: per-sequence ``(policy, reference or None, response
         lengths)`` when the caller has them (packed rows); derived from the
         token log-probs and labels when None. ``metrics``: a dict this fills
-        with the optional metrics of :meth:`loss_metric_names`.
+        with the optional metrics of :meth:`loss_metric_names`. ``optional_inputs``:
+        the per-sequence inputs ``ld_alpha`` and ``use_weighting`` read (``_optional_inputs``).
         """
         if logratios is None:
             logratios = self.get_reduced_masked_logps(pi_logprobs - ref_logprobs, labels, cu_seqlens, average_log_probs)
@@ -595,7 +645,7 @@ class MegatronGPTDPOModel:
                     ref_logprobs, labels, cu_seqlens, average)),
                 (labels > -1).sum(-1),
             )
-        inputs = self.preference_loss_inputs(*sequence_logps, gt_rewards)
+        inputs = self.preference_loss_inputs(*sequence_logps, gt_rewards, optional_inputs)
         output = self.preference_loss(inputs)
         if metrics is not None:
             metrics.update({f"loss_{name}": value.detach().float().mean() for name, value in output.terms.items()})
@@ -617,8 +667,17 @@ class MegatronGPTDPOModel:
             return compute()
         return policy.detach().double() - logratios.detach().double()
 
-    def preference_loss_inputs(self, policy_logps, reference_logps, lengths, gt_rewards) -> PreferenceLossInputs:
-        """``PreferenceLossInputs`` from per-sequence values, rows [all chosen; all rejected]."""
+    def _optional_inputs(self, segments, lengths, pi_logprobs, ref_logprobs, weighting) -> dict:
+        """The per-sequence inputs of ``ld_alpha`` / ``use_weighting`` (empty when neither is set)."""
+        reference = None if self.preference_loss.reference_free else ref_logprobs
+        return optional_sequence_inputs(segments, lengths, pi_logprobs, reference, weighting, self.dpo.ld_alpha)
+
+    def preference_loss_inputs(self, policy_logps, reference_logps, lengths, gt_rewards,
+                               optional=None) -> PreferenceLossInputs:
+        """``PreferenceLossInputs`` from per-sequence values, rows [all chosen; all rejected].
+
+        ``optional``: more per-sequence values by ``OPTIONAL_INPUT_FIELDS`` name.
+        """
         policy_chosen, policy_rejected = split_chosen_rejected(policy_logps)
         reference_chosen, reference_rejected = (None, None) if reference_logps is None else (
             split_chosen_rejected(reference_logps.detach()))
@@ -631,6 +690,8 @@ class MegatronGPTDPOModel:
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
             gt_rewards_chosen=gt_chosen, gt_rewards_rejected=gt_rejected, gt_reward_scale=self.dpo.gt_reward_scale,
             update_state=self._update_loss_state,
+            **{field: half for name, values in (optional or {}).items()
+               for field, half in zip(OPTIONAL_INPUT_FIELDS[name], split_chosen_rejected(values))},
         )
 
     def sft_loss_func(self, pi_logprobs, labels, cu_seqlens=None, average_log_probs=False):

@@ -107,6 +107,12 @@ def _whole_pass_parameters(root: torch.nn.Module) -> set[int]:
     return found
 
 
+def named_parameters_of_chunks(model_chunks) -> dict[str, torch.nn.Parameter]:
+    """The parameters of ``model_chunks`` (DDP-wrapped or not) by ``<chunk>.<parameter name>``."""
+    return {f"{index}.{name}": param for index, chunk in enumerate(model_chunks)
+            for name, param in _unwrap(chunk).named_parameters()}
+
+
 class ReferencePolicy:
     """The initial weights of ``model_chunks``, frozen, and a context that runs the chunks with them.
 
@@ -119,11 +125,8 @@ class ReferencePolicy:
     def __init__(self, model_chunks, placement: str = "auto"):
         check_placement(placement)
         self._roots = [_unwrap(chunk) for chunk in model_chunks]
-        self._names, self._params = [], []
-        for index, root in enumerate(self._roots):
-            for name, param in root.named_parameters():
-                self._names.append(f"{index}.{name}")
-                self._params.append(param)
+        named = named_parameters_of_chunks(model_chunks)
+        self._names, self._params = list(named), list(named.values())
         reference_bytes = sum(p.numel() * p.element_size() for p in self._params)
         free = free_accelerator_memory() if placement == "auto" else None
         self.placement, why = choose_placement(placement, reference_bytes, free)
@@ -160,10 +163,6 @@ class ReferencePolicy:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The reference tensors by ``<chunk>.<parameter name>`` (where they live, not copies)."""
         return dict(zip(self._names, self._tensors))
-
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's current weights under the same keys as :meth:`state_dict` (not copies)."""
-        return {name: param.detach() for name, param in zip(self._names, self._params)}
 
     @torch.no_grad()
     def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
