@@ -36,7 +36,8 @@ from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.losses.mixture import RPO_TERM
 from nemo_dpo.optim.settings import OptimizerSettings
-from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
+from nemo_dpo.models.nlp.gpt.lora import has_lora
+from nemo_dpo.models.nlp.gpt.reference_policy import AdaptersOffReference, ReferencePolicy, check_placement
 from nemo_dpo.parallel.collectives import all_reduce, broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.parallel.logprobs import chunked_vocab_parallel_logprobs, vocab_parallel_logprobs
@@ -280,7 +281,9 @@ class MegatronGPTDPOModel:
         params_dtype = precision_dtype(cfg.get("precision", 32))
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
-        self.reference_policy = ReferencePolicy(self.model, self.dpo.ref_policy_placement)
+        # With LoRA the reference is the base model with adapters off: no copy, no placement to choose.
+        self.reference_policy = (AdaptersOffReference(self.model) if has_lora(self.model)
+                                 else ReferencePolicy(self.model, self.dpo.ref_policy_placement))
 
     @property
     def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:
