@@ -1,0 +1,57 @@
+"""LoRA runs executed on every rank of a spawned gloo group by the LoRA tests."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from dpo_workers import EOS, VOCAB, model_config, step0_logprobs
+from nemo_dpo.algorithms.dpo import dpo_custom_collate
+from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+from nemo_dpo.models.nlp.gpt.lora import lora_of
+from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+from nemo_dpo.optim.optimizer import build_optimizer
+from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
+
+LORA = {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 4, "alpha": 8, "target_modules": ["all"]}}
+
+
+def step0_with_and_without_lora(tp: int, pp: int, items: list[dict]) -> dict:
+    """Step-0 log-probs of the LoRA model (policy, reference, loss) and the policy of the same model without LoRA."""
+    adapted = step0_logprobs(tp, pp, 2, items, peft=LORA)
+    parallel_state.destroy_model_parallel()
+    base = step0_logprobs(tp, pp, 2, items)
+    return dict(adapted, base_policy=base["policy"])
+
+
+def optimizer_footprint(items: list[dict], peft: dict | None, steps: int = 2) -> dict:
+    """What the optimizer and DDP hold, and whether frozen weights moved, after ``steps`` DPO steps."""
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    cfg = model_config(2, len(items), peft=peft)
+    model = MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=5))
+    optimizer = build_optimizer(model.model, cfg.optim)
+    chunk = model.model[0]
+    lora = lora_of(chunk)
+    adapter_ids = {id(p) for p in lora.parameters()} if lora is not None else set()
+    frozen = {name: p.detach().clone() for name, p in chunk.module.named_parameters() if id(p) not in adapter_ids}
+    initial_adapters = [p.detach().clone() for p in lora.parameters()] if lora is not None else []
+    batch = dpo_custom_collate(items, eos_id=EOS)
+    batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = (
+        model.get_ref_policy_logprobs(batch).chunk(2))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.prepare_for_training_step()
+        model.get_loss_and_metrics(batch, forward_only=False)
+        assert optimizer.step(clip_grad=0.0)[0]
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    moved = [name for name, p in chunk.module.named_parameters()
+             if id(p) not in adapter_ids and not torch.equal(p.detach(), frozen[name])]
+    return dict(
+        optimized_ids=sorted(id(p) for p in optimized), adapter_ids=sorted(adapter_ids),
+        adapter_numel=sum(p.numel() for p in lora.parameters()) if lora is not None else 0,
+        model_numel=sum(p.numel() for p in chunk.module.parameters()),
+        grad_buffer_numel=sum(b.grad_data.numel() for b in chunk.buffers),
+        state_bytes=optimizer.state_bytes(), frozen_moved=moved,
+        adapters_moved=[not torch.equal(p.detach(), q) for p, q in zip(lora.parameters(), initial_adapters)]
+        if lora is not None else [],
+    )
