@@ -263,6 +263,8 @@ class MegatronGPTDPOModel:
 
     # The tokenizer (``eos_id``, ``text_to_ids``...), set where a checkpoint is loaded; None when built bare.
     tokenizer = None
+    # The checkpoint the weights were loaded from (recorded by LoRA checkpoints); None when built bare.
+    base_checkpoint = None
 
     def __init__(self, cfg, vocab_size: int, model_chunks=None):
         self.cfg = cfg
