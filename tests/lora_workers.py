@@ -62,11 +62,15 @@ HF_LORA = {"peft_scheme": "lora", "lora_tuning": {
     "adapter_dim": 4, "alpha": 8, "target_modules": ["all"], "row_init_method": "normal", "layer_selection": [1, 3]}}
 
 
-def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights: torch.Tensor, out_dir: str) -> dict:
+def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights: torch.Tensor, out_dir: str,
+                            sequence_parallel: bool = False) -> dict:
     """An HF model imported with LoRA at TP=``tp``: logits, and ``sum(logits * weights)``'s adapter gradients.
 
-    Writes under ``out_dir``: ``adapter/`` (the adapters, PEFT format), ``grads/`` (the
-    adapter gradients in the same format) and ``merged/`` (the merged HF model).
+    The gradients come from the training path: megatron DDP and the pipeline
+    schedule, whose ``finalize_model_grads`` sums sequence-parallel partial
+    gradients over TP. Writes under ``out_dir``: ``adapter/`` (the adapters, PEFT
+    format), ``grads/`` (the adapter gradients in the same format) and
+    ``merged/`` (the merged HF model).
     """
     from omegaconf import OmegaConf
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -75,27 +79,42 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
     from nemo_dpo.interop.hf import export_hf
     from nemo_dpo.interop.hf.peft_adapter import export_peft_adapter
     from nemo_dpo.models.nlp.gpt.lora import merge_adapters
+    from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
     initialize_parallel(ParallelLayout(tp, 1), seed=0)
     source = open_pretrained(hf_path)
     cfg = OmegaConf.create({**source.architecture, "encoder_seq_length": tokens.shape[1],
-                            "make_vocab_size_divisible_by": 16, "peft": HF_LORA})
+                            "make_vocab_size_divisible_by": 16, "sequence_parallel": sequence_parallel,
+                            "peft": HF_LORA})
     chunks = build_gpt_model(cfg, source.vocab_size, seed=7)
     source.load_weights(chunks)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = gather_from_tensor_model_parallel_region(chunks[0](tokens, positions, None))[..., :source.vocab_size]
-    (logits * weights).sum().backward()
+    logits_seen = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch, torch.arange(batch.shape[1]).expand_as(batch), None)
+
+        def loss_func(logits):
+            full = gather_from_tensor_model_parallel_region(logits)[..., :source.vocab_size]
+            logits_seen.append(full.detach())
+            return (full * weights).sum(), {}
+
+        return output, loss_func
+
+    wrapped = wrap_data_parallel(chunks)
+    forward_backward(wrapped, forward_step, iter([tokens]), 1, seq_length=tokens.shape[1],
+                     micro_batch_size=tokens.shape[0], forward_only=False)
     export = dict(architecture=source.architecture, vocab_size=source.vocab_size)
     export_peft_adapter(chunks, **export, out_dir=f"{out_dir}/adapter", base_model=hf_path)
     adapters = list(lora_of(chunks[0]).parameters())
     values = [p.detach().clone() for p in adapters]
     with torch.no_grad():
         for p in adapters:
-            p.copy_(p.grad)
+            p.copy_(p.main_grad)
     export_peft_adapter(chunks, **export, out_dir=f"{out_dir}/grads")
     with torch.no_grad():
         for p, value in zip(adapters, values):
             p.copy_(value)
     merge_adapters(chunks)
     export_hf(chunks, **export, out_dir=f"{out_dir}/merged", tokenizer_dir=source.tokenizer_dir)
-    return dict(logits=logits.detach())
+    return dict(logits=logits_seen[0])
