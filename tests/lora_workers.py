@@ -118,3 +118,17 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
     merge_adapters(chunks)
     export_hf(chunks, **export, out_dir=f"{out_dir}/merged", tokenizer_dir=source.tokenizer_dir)
     return dict(logits=logits_seen[0])
+
+
+def restored_adapters_as_peft(overrides: list[str], out: str) -> None:
+    """The run's model as ``train`` loads it (``model.peft.restore_from_path`` included), its adapters written as PEFT."""
+    from nemo_dpo.interop.hf.peft_adapter import export_peft_adapter
+    from nemo_dpo.training.config import compose_config
+    from nemo_dpo.training.model import load_pretrained_model
+    from nemo_dpo.training.run import check_run_config, start_parallel
+
+    cfg = compose_config(overrides)
+    check_run_config(cfg)
+    start_parallel(cfg.model)
+    model, _, _ = load_pretrained_model(cfg)
+    export_peft_adapter(model.model, cfg.model, model.vocab_size, out)

@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
 from nemo_dpo.checkpoint.training_checkpoint import read_trainer_state
-from test_train_gpt_dpo import run_in_pool, series
+from lora_workers import restored_adapters_as_peft
+from test_train_gpt_dpo import run_in_pool
 from training_workers import export_hf
 
 LORA = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
@@ -79,3 +81,15 @@ def test_cli_exports_merged_and_peft_folders_that_agree(dist_pool, saved_at_tp2,
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits.detach()
     assert (adapted - base_logits).abs().max() > 1e-3  # the trained adapters change the model
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+
+
+def test_restore_from_path_starts_from_the_saved_adapters(dist_pool, saved_at_tp2, tmp_path):
+    log_dir, _ = saved_at_tp2
+    final = log_dir / "checkpoints" / "final_model"
+    dist_pool.run(1, export_hf, str(final), str(tmp_path / "saved"))
+    dist_pool.run(1, restored_adapters_as_peft, [*LORA, f"model.peft.restore_from_path={final}"],
+                  str(tmp_path / "restored"))
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    restored = load_file(tmp_path / "restored" / "adapter_model.safetensors")
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert any(k.endswith("lora_B.weight") and saved[k].abs().max() > 0 for k in saved)  # trained, not the draw
