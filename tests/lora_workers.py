@@ -121,7 +121,7 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
 
 
 def restored_adapters_as_peft(overrides: list[str], out: str) -> None:
-    """The run's model as ``train`` loads it (``model.peft.restore_from_path`` included), its adapters written as PEFT."""
+    """The run's model as ``train`` loads it (``restore_from_path`` included); its adapters written as PEFT."""
     from nemo_dpo.interop.hf.peft_adapter import export_peft_adapter
     from nemo_dpo.training.config import compose_config
     from nemo_dpo.training.model import load_pretrained_model

@@ -95,7 +95,8 @@ def load_adapters(model_chunks, folder: str | Path) -> None:
     differing = [key for key in differing if key not in ("adapter_dropout", "column_init_method", "row_init_method")]
     if differing:
         raise ValueError(f"the adapters in {folder} were trained with model.peft.lora_tuning "
-                         f"{ {k: saved.get(k) for k in differing} }, the model has { {k: current.get(k) for k in differing} }")
+                         f"{ {k: saved.get(k) for k in differing} }, the model has "
+                         f"{ {k: current.get(k) for k in differing} }")
     sharded = adapter_sharded_state_dict(model_chunks, KEY_PREFIX)
     params = {key: value.data for key, value in sharded.items()}
     with reading(folder, f"{ADAPTERS_DIR}/", (ADAPTERS_DIR,)):

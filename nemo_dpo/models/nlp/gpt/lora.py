@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -153,7 +154,8 @@ class LoRASettings:
         tuning = dict(peft.get("lora_tuning") or {})
         unknown = sorted(set(tuning) - set(LORA_KEYS))
         if unknown:
-            raise ValueError(f"model.peft.lora_tuning: unknown key(s) {', '.join(unknown)}; valid: {', '.join(LORA_KEYS)}")
+            raise ValueError(f"model.peft.lora_tuning: unknown key(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(LORA_KEYS)}")
         if tuning.pop("weight_tying", False):
             raise NotImplementedError(
                 "model.peft.lora_tuning.weight_tying=true (one adapter shared by every layer) is not supported; "
@@ -184,13 +186,24 @@ class LoRAAdapter(torch.nn.Module):
         rank, like = settings.adapter_dim, dict(dtype=base.weight.dtype, device=base.weight.device)
         self.linear_in = torch.nn.Parameter(torch.zeros(rank, in_features, **like))
         self.linear_out = torch.nn.Parameter(torch.zeros(out_features, rank, **like))
-        split, replicated = (self.linear_out, self.linear_in) if self.column_parallel else (self.linear_in, self.linear_out)
+        if self.column_parallel:
+            split, replicated, split_dim = self.linear_out, self.linear_in, 0
+        else:
+            split, replicated, split_dim = self.linear_in, self.linear_out, 1
         # megatron's tags: gradient norms count a split tensor on every TP rank, a replicated one once.
-        split.tensor_model_parallel, split.partition_dim, split.partition_stride = True, (0 if self.column_parallel else 1), 1
+        split.tensor_model_parallel, split.partition_dim, split.partition_stride = True, split_dim, 1
         replicated.sequence_parallel = self.sequence_parallel
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # A replicated input needs the same mask on every TP rank (the default generator, seeded
+        # alike); a split one (row-parallel, or sequence-parallel) its own, from megatron's TP tracker.
+        if self.column_parallel and not self.sequence_parallel:
+            return self.dropout(x)
+        with get_cuda_rng_tracker().fork():
+            return self.dropout(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = torch.nn.functional.linear(self.dropout(x), self.linear_in)
+        low = torch.nn.functional.linear(self._dropout(x), self.linear_in)
         if self.column_parallel:
             low = (gather_from_sequence_parallel_region(low, tensor_parallel_output_grad=True)
                    if self.sequence_parallel else copy_to_tensor_model_parallel_region(low))

@@ -284,8 +284,8 @@ class MegatronGPTDPOModel:
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
         # With LoRA the reference is the base model with adapters off: no copy, no placement to choose.
-        self.reference_policy = (AdaptersOffReference(self.model) if has_lora(self.model)
-                                 else ReferencePolicy(self.model, self.dpo.ref_policy_placement))
+        reference = AdaptersOffReference if has_lora(self.model) else ReferencePolicy
+        self.reference_policy = reference(self.model, self.dpo.ref_policy_placement)
 
     @property
     def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:

@@ -250,7 +250,11 @@ class AdaptersOffReference:
 
     placement = "none (LoRA: the frozen base model with adapters off)"
 
-    def __init__(self, model_chunks):
+    def __init__(self, model_chunks, placement: str = "auto"):
+        check_placement(placement)
+        if placement != "auto":
+            log.warning("model.dpo.ref_policy_placement=%s has no effect with LoRA: the reference is the base "
+                        "model with adapters off, no copy to place", placement)
         self._chunks = list(model_chunks)
 
     def active(self):
