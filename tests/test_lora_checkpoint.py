@@ -65,13 +65,19 @@ def test_saved_at_tp2_resumes_at_tp1(dist_pool, saved_at_tp2, tmp_path):
         assert resumed[step] == pytest.approx(saving_run[step], abs=1e-6), step
 
 
-def test_cli_exports_merged_and_peft_folders_that_agree(dist_pool, saved_at_tp2, tmp_path):
+def test_lora_from_hf_folder_exports_merged_and_peft_folders_that_agree(dist_pool, tmp_path):
+    """LoRA DPO from a Hugging Face folder; the CLI's PEFT adapter (on that folder) and merged model agree."""
     import transformers
     from peft import PeftModel
 
-    log_dir, _ = saved_at_tp2
-    final = str(log_dir / "checkpoints" / "final_model")
     dist_pool.run(1, export_hf, str(DEFAULT_MODEL_DIR), str(tmp_path / "base"))
+    start = f"pretrained_checkpoint.restore_from_path={tmp_path / 'base'}"
+    records = run_in_pool(dist_pool, tmp_path / "run", *LORA, start, "trainer.dpo.max_steps=4", "trainer.dpo.val_check_interval=4",
+                          "trainer.dpo.limit_val_batches=1", "model.global_batch_size=16", "model.micro_batch_size=4")
+    assert len(losses_by_step(records)) == 4
+    final = str(tmp_path / "run" / "checkpoints" / "final_model")
+    assert json.loads((tmp_path / "run" / "checkpoints" / "final_model" / "lora.json").read_text())[
+        "base_checkpoint"] == str(tmp_path / "base")
     dist_pool.run(2, export_hf, final, str(tmp_path / "adapter"), "--tp", "2")
     dist_pool.run(1, export_hf, final, str(tmp_path / "merged"), "--merge-lora")
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -197,6 +197,8 @@ class LoRAAdapter(torch.nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         # A replicated input needs the same mask on every TP rank (the default generator, seeded
         # alike); a split one (row-parallel, or sequence-parallel) its own, from megatron's TP tracker.
+        if self.dropout.p == 0 or not self.training:
+            return x
         if self.column_parallel and not self.sequence_parallel:
             return self.dropout(x)
         with get_cuda_rng_tracker().fork():
