@@ -138,8 +138,11 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
     padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
     lora = LoRASettings.from_config(cfg)
     use_transformer_engine = cfg.get("transformer_engine")
-    if lora is not None and use_transformer_engine is None:
+    if lora is not None:
         # Adapters hook megatron-core's own parallel linear layers (see lora.py).
+        if use_transformer_engine:
+            raise ValueError("model.transformer_engine=true with model.peft.peft_scheme=lora: the adapters need "
+                             "megatron-core's local layers; set transformer_engine to null or false")
         use_transformer_engine = False
     layer_spec = gpt_layer_spec(config.normalization, use_transformer_engine, arch.qk_layernorm)
     vp_size = config.virtual_pipeline_model_parallel_size
