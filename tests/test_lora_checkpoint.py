@@ -52,15 +52,31 @@ def test_checkpoint_holds_adapters_and_optimizer_only(saved_at_tp2):
     assert 2 * adapter_bytes <= sizes["optimizer"] < 4 * adapter_bytes
 
 
-def test_saved_at_tp2_resumes_at_tp1(dist_pool, saved_at_tp2, tmp_path):
-    log_dir, saving_run = saved_at_tp2
-    shutil.copytree(log_dir / "checkpoints", tmp_path / "checkpoints")
+def resume_from_step3(dist_pool, checkpoints, tmp_path, *overrides):
+    """Losses by step of a run resumed from the step-3 checkpoint among ``checkpoints`` (copied)."""
+    shutil.copytree(checkpoints, tmp_path / "checkpoints")
     for folder in (tmp_path / "checkpoints").iterdir():
         if folder.name == "final_model" or read_trainer_state(folder)["step"] > 3:
             shutil.rmtree(folder)
-    resumed = losses_by_step(run_in_pool(dist_pool, tmp_path, *RUN, "exp_manager.create_checkpoint_callback=False"))
+    return losses_by_step(run_in_pool(dist_pool, tmp_path, *RUN, *overrides,
+                                      "exp_manager.create_checkpoint_callback=False"))
+
+
+def test_saved_at_tp2_resumes_at_tp1(dist_pool, saved_at_tp2, tmp_path):
+    log_dir, saving_run = saved_at_tp2
+    resumed = resume_from_step3(dist_pool, log_dir / "checkpoints", tmp_path)
     assert sorted(resumed) == [4, 5, 6]
     assert saving_run[6] < saving_run[1] - 0.01  # it trains
+    for step in resumed:
+        assert resumed[step] == pytest.approx(saving_run[step], abs=1e-6), step
+
+
+def test_sharded_optimizer_saved_at_dp2_resumes_at_dp1(dist_pool, tmp_path):
+    """megatron's DistributedOptimizer over the adapters only: its state reshards from DP=2 to DP=1."""
+    sharded = "model.optim.name=distributed_fused_adam"
+    saving_run = losses_by_step(run_in_pool(dist_pool, tmp_path / "dp2", *RUN, sharded, nproc=2))
+    resumed = resume_from_step3(dist_pool, tmp_path / "dp2" / "checkpoints", tmp_path / "dp1", sharded)
+    assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step] == pytest.approx(saving_run[step], abs=1e-6), step
 
