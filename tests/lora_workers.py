@@ -16,20 +16,22 @@ from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 LORA = {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 4, "alpha": 8, "target_modules": ["all"]}}
 
 
-def step0_with_and_without_lora(tp: int, pp: int, items: list[dict]) -> dict:
+def step0_with_and_without_lora(tp: int, pp: int, items: list[dict], precision=32) -> dict:
     """Step-0 log-probs of the LoRA model (policy, reference, loss) and the policy of the same model without LoRA."""
-    adapted = step0_logprobs(tp, pp, 2, items, peft=LORA)
+    adapted = step0_logprobs(tp, pp, 2, items, precision=precision, peft=LORA)
     parallel_state.destroy_model_parallel()
-    base = step0_logprobs(tp, pp, 2, items)
+    base = step0_logprobs(tp, pp, 2, items, precision=precision)
     return dict(adapted, base_policy=base["policy"])
 
 
-def optimizer_footprint(items: list[dict], peft: dict | None, steps: int = 2) -> dict:
+def optimizer_footprint(items: list[dict], peft: dict | None, precision=32, steps: int = 2) -> dict:
     """What the optimizer and DDP hold, and whether frozen weights moved, after ``steps`` DPO steps."""
+    from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+
     initialize_parallel(ParallelLayout(1, 1), seed=0)
-    cfg = model_config(2, len(items), peft=peft)
+    cfg = model_config(2, len(items), precision, peft=peft)
     model = MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=5))
-    optimizer = build_optimizer(model.model, cfg.optim)
+    optimizer = build_optimizer(model.model, cfg.optim, precision_dtype(precision))
     chunk = model.model[0]
     lora = lora_of(chunk)
     adapter_ids = {id(p) for p in lora.parameters()} if lora is not None else set()
@@ -48,6 +50,7 @@ def optimizer_footprint(items: list[dict], peft: dict | None, steps: int = 2) ->
              if id(p) not in adapter_ids and not torch.equal(p.detach(), frozen[name])]
     return dict(
         optimized_ids=sorted(id(p) for p in optimized), adapter_ids=sorted(adapter_ids),
+        optimized_numel=sum(p.numel() for p in optimized),
         adapter_numel=sum(p.numel() for p in lora.parameters()) if lora is not None else 0,
         model_numel=sum(p.numel() for p in chunk.module.parameters()),
         grad_buffer_numel=sum(b.grad_data.numel() for b in chunk.buffers),

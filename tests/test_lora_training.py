@@ -13,9 +13,9 @@ from lora_workers import LORA, optimizer_footprint, step0_with_and_without_lora
 LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
 
 
-@pytest.mark.parametrize("tp,pp,world", [(1, 1, 1), (2, 1, 2)], ids=str)
-def test_step0_adapted_equals_base_and_reference_bitwise(dist_pool, tp, pp, world):
-    for r in dist_pool.run(world, step0_with_and_without_lora, tp, pp, synthetic_pairs(4)):
+@pytest.mark.parametrize("tp,pp,world,precision", [(1, 1, 1, 32), (2, 1, 2, 32), (1, 1, 1, "bf16")], ids=str)
+def test_step0_adapted_equals_base_and_reference_bitwise(dist_pool, tp, pp, world, precision):
+    for r in dist_pool.run(world, step0_with_and_without_lora, tp, pp, synthetic_pairs(4), precision):
         assert torch.equal(r["policy"], r["base_policy"])  # B = 0: the adapted model is the base model
         assert torch.equal(r["policy"], r["reference"])  # adapters off gives the same bits
         assert r["loss"] == LN2_FP32
@@ -26,6 +26,7 @@ def test_only_adapters_train_and_optimizer_state_scales_with_them(dist_pool):
     items = synthetic_pairs(4, seed=2)
     (lora,) = dist_pool.run(1, optimizer_footprint, items, LORA)
     (full,) = dist_pool.run(1, optimizer_footprint, items, None)
+    (bf16,) = dist_pool.run(1, optimizer_footprint, items, LORA, "bf16")
     assert lora["optimized_ids"] == lora["adapter_ids"]
     assert lora["frozen_moved"] == []  # base weights bitwise unchanged
     assert lora["adapters_moved"] and all(lora["adapters_moved"])  # every adapter tensor was updated
@@ -34,6 +35,11 @@ def test_only_adapters_train_and_optimizer_state_scales_with_them(dist_pool):
     assert lora["state_bytes"] == 2 * 4 * lora["adapter_numel"]
     assert full["state_bytes"] == 2 * 4 * full["model_numel"]
     assert lora["model_numel"] == full["model_numel"] + lora["adapter_numel"]
+    # bf16: the optimizer steps fp32 master copies of the adapters (4 more bytes each); gradients stay fp32.
+    assert bf16["optimized_numel"] == bf16["adapter_numel"]
+    assert bf16["frozen_moved"] == [] and all(bf16["adapters_moved"])
+    assert bf16["grad_buffer_numel"] == bf16["adapter_numel"] == lora["adapter_numel"]
+    assert bf16["state_bytes"] == 3 * 4 * bf16["adapter_numel"]
 
 
 # Adapters drawn non-zero (B normal) so that every adapter tensor has a gradient from step 0;
