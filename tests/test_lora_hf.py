@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_workers import HF_LORA, lora_logits_and_exports
+from lora_workers import lora_logits_and_exports
 from test_hf_checkpoint import SEQ, VOCAB, make_hf_model
 
 peft = pytest.importorskip("peft")

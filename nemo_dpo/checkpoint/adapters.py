@@ -15,23 +15,17 @@ PEFT's format.
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from omegaconf import OmegaConf
 
 from nemo_dpo.checkpoint.dist_ckpt import KEY_PREFIX, atomic_checkpoint_dir
 from nemo_dpo.checkpoint.integrity import CheckpointError, reading
-from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, TOKENIZER_DIR
+from nemo_dpo.checkpoint.pretrained import write_architecture_and_tokenizer
 from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
-from nemo_dpo.models.nlp.gpt.architecture import GPTArchitecture
 from nemo_dpo.models.nlp.gpt.lora import adapter_sharded_state_dict, lora_of
 from nemo_dpo.parallel.collectives import barrier, is_rank0
-
-log = logging.getLogger(__name__)
 
 ADAPTERS_DIR = "adapters"
 LORA_CONFIG = "lora.json"
@@ -50,9 +44,7 @@ def write_adapter_folder(staging: Path, model_chunks, model_cfg, tokenizer_dir: 
                          base_checkpoint: str | None) -> None:
     """Write the adapter folder's files into the (existing) folder ``staging`` (collective)."""
     if is_rank0():
-        architecture = GPTArchitecture.from_config(model_cfg).to_dict()
-        OmegaConf.save(OmegaConf.create(architecture), staging / MODEL_CONFIG)
-        shutil.copytree(tokenizer_dir, staging / TOKENIZER_DIR)
+        write_architecture_and_tokenizer(staging, model_cfg, tokenizer_dir)
         record = {"base_checkpoint": base_checkpoint, "lora_tuning": adapter_settings(model_chunks)}
         (staging / LORA_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (staging / ADAPTERS_DIR).mkdir()
