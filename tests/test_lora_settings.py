@@ -60,3 +60,12 @@ def test_restore_keys(tmp_path):
     with pytest.raises(ValueError, match="restore_from_ckpt.checkpoint_dir: resume a LoRA run with exp_manager"):
         check_peft(cfg)
     assert check_peft(peft(adapter_dim=4)).adapter_dim == 4
+
+
+def test_an_adapter_folder_is_not_a_pretrained_model(tmp_path):
+    from nemo_dpo.training.model import open_checkpoint
+
+    (tmp_path / "lora.json").write_text('{"base_checkpoint": "/models/base", "lora_tuning": {}}')
+    with pytest.raises(ValueError, match=r"holds LoRA adapters, not a model: set it to their base \(/models/base\) "
+                                         r"and model.peft.restore_from_path to"):
+        open_checkpoint(str(tmp_path))

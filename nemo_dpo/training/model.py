@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from nemo_dpo.checkpoint.adapters import is_adapter_folder, load_adapters
+from nemo_dpo.checkpoint.adapters import is_adapter_folder, load_adapters, read_lora_config
 from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
 from nemo_dpo.interop import open_pretrained
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
@@ -40,7 +40,15 @@ def check_peft(model_cfg: DictConfig) -> LoRASettings | None:
 
 
 def open_checkpoint(restore_path, tokenizer_path=None, trust_pickled_objects: bool = False):
-    """The ``PretrainedSource`` at ``restore_path`` (the embedded default model when null)."""
+    """The ``PretrainedSource`` at ``restore_path`` (the embedded default model when null).
+
+    A LoRA adapter folder holds no base weights: it is refused, naming what to set instead.
+    """
+    if restore_path is not None and is_adapter_folder(restore_path):
+        base = read_lora_config(restore_path)["base_checkpoint"]
+        raise ValueError(
+            f"pretrained_checkpoint.restore_from_path={restore_path} holds LoRA adapters, not a model: set it to "
+            f"their base ({base or 'null: the embedded default'}) and model.peft.restore_from_path to {restore_path}")
     return open_pretrained(restore_path or DEFAULT_MODEL_DIR, tokenizer_path=tokenizer_path,
                            trust_pickled_objects=trust_pickled_objects)
 
