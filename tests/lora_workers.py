@@ -65,9 +65,10 @@ HF_LORA = {"peft_scheme": "lora", "lora_tuning": {
     "adapter_dim": 4, "alpha": 8, "target_modules": ["all"], "row_init_method": "normal", "layer_selection": [1, 3]}}
 
 
-def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights: torch.Tensor, out_dir: str,
+def lora_logits_and_exports(hf_path: str, layout: tuple, tokens: torch.Tensor, weights: torch.Tensor, out_dir: str,
                             sequence_parallel: bool = False) -> dict:
-    """An HF model imported with LoRA at TP=``tp``: logits, and ``sum(logits * weights)``'s adapter gradients.
+    """An HF model imported with LoRA at ``layout`` (TP, PP, VPP): logits (on the last
+    stage, else None), and ``sum(logits * weights)``'s adapter gradients.
 
     The gradients come from the training path: megatron DDP and the pipeline
     schedule, whose ``finalize_model_grads`` sums sequence-parallel partial
@@ -84,7 +85,7 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
     from nemo_dpo.models.nlp.gpt.lora import merge_adapters
     from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
 
-    initialize_parallel(ParallelLayout(tp, 1), seed=0)
+    initialize_parallel(ParallelLayout(*layout), seed=0)
     source = open_pretrained(hf_path)
     cfg = OmegaConf.create({**source.architecture, "encoder_seq_length": tokens.shape[1],
                             "make_vocab_size_divisible_by": 16, "sequence_parallel": sequence_parallel,
@@ -92,24 +93,28 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
     chunks = build_gpt_model(cfg, source.vocab_size, seed=7)
     source.load_weights(chunks)
     logits_seen = []
+    # One row per micro-batch: interleaved pipelines need at least PP micro-batches.
+    micro_batches = list(zip(tokens.split(1), weights.split(1)))
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch, batch_weights = next(data_iterator)
         output = model(batch, torch.arange(batch.shape[1]).expand_as(batch), None)
 
         def loss_func(logits):
             full = gather_from_tensor_model_parallel_region(logits)[..., :source.vocab_size]
             logits_seen.append(full.detach())
-            return (full * weights).sum(), {}
+            # The schedule divides each micro-batch's loss by their number; the gradient wanted is the sum's.
+            return (full * batch_weights).sum() * len(micro_batches), {}
 
         return output, loss_func
 
     wrapped = wrap_data_parallel(chunks)
-    forward_backward(wrapped, forward_step, iter([tokens]), 1, seq_length=tokens.shape[1],
-                     micro_batch_size=tokens.shape[0], forward_only=False)
+    data = [iter(micro_batches) for _ in wrapped] if len(wrapped) > 1 else iter(micro_batches)
+    forward_backward(wrapped, forward_step, data, len(micro_batches), seq_length=tokens.shape[1],
+                     micro_batch_size=1, forward_only=False)
     export = dict(architecture=source.architecture, vocab_size=source.vocab_size)
     export_peft_adapter(chunks, **export, out_dir=f"{out_dir}/adapter", base_model=hf_path)
-    adapters = list(lora_of(chunks[0]).parameters())
+    adapters = [p for chunk in chunks for p in lora_of(chunk).parameters()]
     values = [p.detach().clone() for p in adapters]
     with torch.no_grad():
         for p in adapters:
@@ -120,7 +125,7 @@ def lora_logits_and_exports(hf_path: str, tp: int, tokens: torch.Tensor, weights
             p.copy_(value)
     merge_adapters(chunks)
     export_hf(chunks, **export, out_dir=f"{out_dir}/merged", tokenizer_dir=source.tokenizer_dir)
-    return dict(logits=logits_seen[0])
+    return dict(logits=torch.cat(logits_seen) if logits_seen else None)
 
 
 def restored_adapters_as_peft(overrides: list[str], out: str) -> None:

@@ -40,13 +40,17 @@ def reference_logits_and_grads(base_folder, adapter_folder, tokens, weights):
 
 # TP=2: the adapters are split (fused QKV with GQA, gate/up); with sequence parallelism every
 # adapter takes its sequence-parallel path. (TP=2 without it: tests/test_lora_training.py's layouts.)
-@pytest.mark.parametrize("tp,sequence_parallel", [(1, False), (2, True)], ids=["tp1", "tp2_sp"])
-def test_lora_matches_peft_and_exports_load(dist_pool, llama, tmp_path, tp, sequence_parallel):
+# PP=2 with 2 virtual stages: one layer per chunk, adapters on stages and chunks 0 and 2 of 4 layers.
+@pytest.mark.parametrize("layout,sequence_parallel", [((1, 1, None), False), ((2, 1, None), True),
+                                                      ((1, 2, 2), False)], ids=["tp1", "tp2_sp", "pp2_vpp2"])
+def test_lora_matches_peft_and_exports_load(dist_pool, llama, tmp_path, layout, sequence_parallel):
     import transformers
 
     folder, tokens, weights = llama
-    ours = dist_pool.run(tp, lora_logits_and_exports, str(folder), tp, tokens, weights, str(tmp_path),
-                         sequence_parallel)[0]
+    world = layout[0] * layout[1]
+    results = dist_pool.run(world, lora_logits_and_exports, str(folder), layout, tokens, weights, str(tmp_path),
+                            sequence_parallel)
+    ours = next(r for r in results if r["logits"] is not None)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["layers_to_transform"] == [0, 2]
     assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
