@@ -7,7 +7,8 @@ forward; the preference loss is a pure function of their masked per-sequence
 sums (or means). The reference policy is a frozen copy of the initial weights
 (``ReferencePolicy``: on the device or in CPU memory, ``model.dpo.ref_policy_placement``)
 put into the same modules, so policy and reference log-probs share one code path
-and are bitwise equal at step 0.
+and are bitwise equal at step 0. With LoRA (``model.peft``) the reference is the
+same modules with the adapters switched off (``AdaptersOffReference``).
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ class MegatronGPTDPOModel:
 
     # The tokenizer (``eos_id``, ``text_to_ids``...), set where a checkpoint is loaded; None when built bare.
     tokenizer = None
-    # The checkpoint the weights were loaded from (recorded by LoRA checkpoints); None when built bare.
+    # The checkpoint the weights were loaded from, recorded by LoRA checkpoints (None: built bare or the
+    # embedded default model).
     base_checkpoint = None
 
     def __init__(self, cfg, vocab_size: int, model_chunks=None):
