@@ -30,7 +30,7 @@ def llama(tmp_path_factory):
 def reference_logits_and_grads(base_folder, adapter_folder, tokens, weights):
     import transformers
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, torch_dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)  # fp32
     model = peft.PeftModel.from_pretrained(base, adapter_folder, is_trainable=True)
     logits = model(tokens).logits
     (logits * weights).sum().backward()
