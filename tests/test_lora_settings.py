@@ -69,3 +69,12 @@ def test_an_adapter_folder_is_not_a_pretrained_model(tmp_path):
     with pytest.raises(ValueError, match=r"holds LoRA adapters, not a model: set it to their base \(/models/base\) "
                                          r"and model.peft.restore_from_path to"):
         open_checkpoint(str(tmp_path))
+
+
+def test_transformer_engine_layers_are_refused_with_lora():
+    from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+
+    cfg = peft()
+    cfg.merge_with({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "transformer_engine": True})
+    with pytest.raises(ValueError, match="transformer_engine=true with model.peft.peft_scheme=lora: the adapters need"):
+        build_gpt_model(cfg, 60)

@@ -134,8 +134,6 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
     weights are frozen (``lora.py``).
     """
     arch = GPTArchitecture.from_config(cfg)
-    config = transformer_config_from_cfg(cfg)
-    padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
     lora = LoRASettings.from_config(cfg)
     use_transformer_engine = cfg.get("transformer_engine")
     if lora is not None:
@@ -144,6 +142,8 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
             raise ValueError("model.transformer_engine=true with model.peft.peft_scheme=lora: the adapters need "
                              "megatron-core's local layers; set transformer_engine to null or false")
         use_transformer_engine = False
+    config = transformer_config_from_cfg(cfg)
+    padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
     layer_spec = gpt_layer_spec(config.normalization, use_transformer_engine, arch.qk_layernorm)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
