@@ -12,6 +12,12 @@ ceiling measured in the same run, on the same ranks and threads.
 
     python benchmarks/bench_dpo.py                                          # one process
     torchrun --nproc-per-node 2 benchmarks/bench_dpo.py --tp 2 --threads 1  # or --pp 2
+    python benchmarks/bench_dpo.py --lora 16                                # LoRA DPO, adapter_dim 16
+
+``--lora`` also reports what LoRA changes in memory: parameters trained, the
+optimizer state (``MegatronAdamW.state_bytes``), DDP's gradient buffers and the
+bytes of a reference copy (none with LoRA: the reference is the base with
+adapters off); compare with the same command without ``--lora``.
 
 Only rank 0 prints and writes. See benchmarks/RESULTS.md for the method and numbers.
 """
@@ -79,6 +85,10 @@ def parse_args() -> argparse.Namespace:
                      help="model.data.packing: whole pairs packed into rows of micro-batch x 2 x seq-length tokens")
     run.add_argument("--ref-placement", choices=("auto", "device", "cpu"), default="auto",
                      help="model.dpo.ref_policy_placement: where the frozen reference weights live")
+    run.add_argument("--lora", type=int, default=0, metavar="ADAPTER_DIM",
+                     help="LoRA DPO with this adapter_dim (model.peft.peft_scheme=lora; 0: full DPO)")
+    run.add_argument("--lora-targets", nargs="+", default=["all"],
+                     help="model.peft.lora_tuning.target_modules with --lora")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per process (default: CPU cores / processes on this node)")
     run.add_argument("--output", default=str(BENCH_DIR / "results" / "bench_dpo.jsonl"),
@@ -130,7 +140,28 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size,
                  ref_policy_placement=args.ref_placement),
         data=dict(packing=args.packing),
+        peft=dict(peft_scheme="lora" if args.lora else "none",
+                  lora_tuning=dict(adapter_dim=args.lora or 1, target_modules=args.lora_targets)),
     ))
+
+
+def memory_footprint(model: MegatronGPTDPOModel, optimizer: MegatronAdamW) -> dict[str, int]:
+    """This rank's trained parameters and the bytes of their gradient buffers, optimizer state and reference copy.
+
+    The reference copy is what the reference policy holds beyond the model's own
+    parameters (with LoRA it holds none: its weights are the frozen base's).
+    """
+    params = [p for chunk in model.model for p in chunk.module.parameters()]
+    own = {p.untyped_storage().data_ptr() for p in params}
+    reference = model.reference_policy.state_dict().values()
+    return dict(
+        trained_params=sum(p.numel() for p in params if p.requires_grad),
+        grad_buffer_bytes=sum(b.grad_data.numel() * b.grad_data.element_size()
+                              for chunk in model.model for b in chunk.buffers),
+        optimizer_state_bytes=optimizer.state_bytes(),
+        reference_copy_bytes=sum(t.numel() * t.element_size() for t in reference
+                                 if t.untyped_storage().data_ptr() not in own),
+    )
 
 
 def all_reduce(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
@@ -325,6 +356,7 @@ def main() -> None:
         ref, train = step_flops(shape, matmul_params, args.num_layers, args.hidden_size)
         ref_flops, train_flops = ref_flops + ref, train_flops + train
     peak_memory = all_reduce(peak_memory_bytes(device), op=dist.ReduceOp.MAX)
+    footprint = memory_footprint(model, optimizer)
     # Measured after the steps: its buffers must not count in the peak memory above.
     ceiling, ceiling_kind = matmul_ceiling(device)
 
@@ -351,7 +383,8 @@ def main() -> None:
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
         ref_share=sum(ref_times) / elapsed,
         ref_placement=model.reference_policy.placement, ref_placement_requested=args.ref_placement,
-        packing=args.packing,
+        packing=args.packing, lora_adapter_dim=args.lora,
+        lora_targets=args.lora_targets if args.lora else None, **footprint,
         # Medians: one slow step (a busy machine) does not decide the ratio.
         ref_over_policy_forward=statistics.median(ref_times) / statistics.median(policy_forward_times),
         ref_forward_s_median=statistics.median(ref_times),
@@ -393,6 +426,11 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("reference-forward share of model FLOPs", f"{r['ref_flops_share']:.1%}"),
         ("reference placement (requested)", f"{r['ref_placement']} ({r['ref_placement_requested']})"),
         ("packing", "on" if r["packing"] else "off"),
+        ("LoRA adapter_dim (targets)", f"{r['lora_adapter_dim']} ({r['lora_targets']})" if r["lora_adapter_dim"] else "off"),
+        ("trained parameters (rank 0)", f"{r['trained_params']:,}"),
+        ("grad buffers / optimizer state / reference copy (rank 0)",
+         f"{r['grad_buffer_bytes'] / 2**20:,.1f} / {r['optimizer_state_bytes'] / 2**20:,.1f} / "
+         f"{r['reference_copy_bytes'] / 2**20:,.1f} MiB"),
         ("reference / plain policy forward, median s",
          f"{r['ref_forward_s_median']:.4f} / {r['policy_forward_s_median']:.4f}"),
         ("reference over plain policy forward (medians)", f"{r['ref_over_policy_forward']:.2f}x"),

@@ -52,11 +52,11 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
 
 
 def model_config(micro_batch_size: int, global_batch_size: int, precision=32, optim: dict | None = None,
-                 data: dict | None = None, **dpo) -> OmegaConf:
-    """``data``: ``model.data`` keys (e.g. ``packing``, ``pack_tokens``)."""
+                 data: dict | None = None, peft: dict | None = None, **dpo) -> OmegaConf:
+    """``data``: ``model.data`` keys (e.g. ``packing``, ``pack_tokens``); ``peft``: ``model.peft`` (LoRA)."""
     return OmegaConf.create(dict(
         MODEL, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, precision=precision,
-        **({"data": data} if data else {}),
+        **({"data": data} if data else {}), **({"peft": peft} if peft else {}),
         optim={"name": "adamw", "lr": 5e-3, "weight_decay": 0.01, **(optim or {})},
         dpo=dict(ref_policy_kl_penalty=0.5, log_prob_forward_micro_batch_size=micro_batch_size, **dpo),
     ))
@@ -91,7 +91,7 @@ class _Messages(logging.Handler):
 def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, steps: int,
               items: list[dict], log_dir: str, dpo_overrides: dict | None = None, precision=32,
               optim: dict | None = None, nemo_style: bool = False, data: dict | None = None, init_seed: int = 0,
-              ref_cache: dict | None = None) -> dict:
+              ref_cache: dict | None = None, peft: dict | None = None) -> dict:
     """Train ``steps`` DPO steps with validation at the end; rank 0 returns the logged metrics.
 
     Every rank also returns its optimizer-state bytes (``state_bytes``; None for a torch optimizer).
@@ -100,10 +100,10 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
     ``init_seed`` seeds the initial (and reference) weights. ``ref_cache``: precomputed reference
     log-probs in ``ref_cache["directory"]``, fingerprinted by the weights plus ``ref_cache["parts"]``;
     every rank also returns ``ref_forwards`` (calls of ``get_ref_policy_logprobs``) and
-    ``cache_log`` (the cache's log messages).
+    ``cache_log`` (the cache's log messages). ``peft``: ``model.peft`` (LoRA).
     """
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, global_batch_size, precision, optim, data, **(dpo_overrides or {}))
+    cfg = model_config(micro_batch_size, global_batch_size, precision, optim, data, peft, **(dpo_overrides or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB, model_chunks=build_gpt_model(cfg, VOCAB, seed=1234 + init_seed))
     ref_forwards = [0]
     reference_logprobs = model.get_ref_policy_logprobs
@@ -157,10 +157,10 @@ def train_dpo(tp: int, pp: int, micro_batch_size: int, global_batch_size: int, s
 
 
 def step0_logprobs(tp: int, pp: int, micro_batch_size: int, items: list[dict], dpo: dict | None = None,
-                   precision=32, data: dict | None = None) -> dict:
+                   precision=32, data: dict | None = None, peft: dict | None = None) -> dict:
     """Policy and reference per-token log-probs and metrics of the first batch, before any update."""
     initialize_parallel(ParallelLayout(tp, pp), seed=0)
-    cfg = model_config(micro_batch_size, len(items), precision, data=data, **(dpo or {}))
+    cfg = model_config(micro_batch_size, len(items), precision, data=data, peft=peft, **(dpo or {}))
     model = MegatronGPTDPOModel(cfg, VOCAB)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     local = items[dp_rank * len(items) // dp_size:(dp_rank + 1) * len(items) // dp_size]

@@ -52,8 +52,10 @@ def test_refusals_name_what_is_not_supported_yet():
         build_train_valid_test_dpo_packed_datasets(None, None, "jsonl", None, None, 64, 0, None)
     with pytest.raises(ValueError, match=r"^x\.npy: cannot read"):
         DPOPackedDataset(None, None, "train", "x.npy", None, None, 64, 0)
-    with pytest.raises(NotImplementedError, match="LoRA / PEFT is not supported yet"):
-        init_peft(None, OmegaConf.create({"peft": {"peft_scheme": "lora", "restore_from_path": None}}))
+    with pytest.raises(ValueError, match=r"model.peft.peft_scheme='ptuning'; valid: none, lora"):
+        init_peft(None, OmegaConf.create({"peft": {"peft_scheme": "ptuning", "restore_from_path": None}}))
+    with pytest.raises(FileNotFoundError, match="restore_from_path=nowhere: not a LoRA adapter folder"):
+        init_peft(None, OmegaConf.create({"peft": {"peft_scheme": "lora", "restore_from_path": "nowhere"}}))
     init_peft(None, OmegaConf.create({"peft": {"peft_scheme": "none", "restore_from_path": None}}))
     with pytest.raises(NotImplementedError, match="load_gbs=False"):
         build_dataloader(None, [], 0, 1, 1, load_gbs=False)

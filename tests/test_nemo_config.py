@@ -78,9 +78,12 @@ def test_every_key_of_nemo_aligners_yaml_is_acted_on_warned_or_refused(caplog):
 
 @pytest.mark.parametrize("override,message", [
     ("exp_manager.create_wandb_logger=True", "exp_manager.create_wandb_logger=True: W&B logging is not supported yet"),
-    ("model.peft.peft_scheme=lora", "model.peft.peft_scheme='lora': LoRA/PEFT is not supported yet"),
-    ("model.peft.restore_from_path=/a/lora.nemo", "model.peft.restore_from_path='/a/lora.nemo': PEFT adapters"),
-    ("model.peft.restore_from_ckpt.checkpoint_dir=/a", "restore_from_ckpt.checkpoint_dir='/a': PEFT adapters"),
+    ("model.peft.lora_tuning.weight_tying=True",
+     "model.peft.lora_tuning.weight_tying=True: one adapter shared by every layer is not supported"),
+    ("model.peft.lora_tuning.position_embedding_strategy=add",
+     "model.peft.lora_tuning.position_embedding_strategy='add': only used with weight_tying"),
+    ("model.peft.restore_from_ckpt.checkpoint_dir=/a",
+     "restore_from_ckpt.checkpoint_dir='/a': resume a LoRA run with exp_manager.resume_from_checkpoint"),
     ("model.data.splits_string='900,50,50'", "model.data.splits_string='900,50,50': splitting one file"),
     ("exp_manager.checkpoint_callback_params.always_save_nemo=True", "writes no .nemo files"),
     ("++model.mcore_gpt=false", "model.mcore_gpt=False: the legacy (non-megatron-core) GPT model"),

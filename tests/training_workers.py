@@ -41,10 +41,10 @@ def poisoned_train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
         del PREFERENCE_LOSSES[NAN_LOSS]
 
 
-def export_hf(checkpoint: str, out: str) -> None:
+def export_hf(checkpoint: str, out: str, *options: str) -> None:
     from nemo_dpo.interop.export_cli import main
 
-    main(["--checkpoint", checkpoint, "--out", out])
+    main(["--checkpoint", checkpoint, "--out", out, *options])
 
 
 def config_file_train_job(config_dir: str, config_name: str, overrides: list[str]) -> dict | None:

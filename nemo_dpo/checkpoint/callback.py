@@ -8,8 +8,10 @@ import re
 import shutil
 from pathlib import Path
 
+from nemo_dpo.checkpoint.adapters import save_adapters
 from nemo_dpo.checkpoint.pretrained import save_pretrained
 from nemo_dpo.checkpoint.training_checkpoint import read_trainer_state, save_training_checkpoint
+from nemo_dpo.models.nlp.gpt.lora import has_lora
 from nemo_dpo.parallel.collectives import barrier, is_rank0
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ class CheckpointCallback:
         if is_rank0():
             self._prune(newest=folder)
         if is_train_end and self.save_final_model:
-            save_pretrained(self.model.model, self.model_cfg, self.tokenizer_dir, self.dirpath / FINAL_MODEL)
+            if has_lora(self.model.model):  # the adapters and a reference to the base model
+                save_adapters(self.model.model, self.model_cfg, self.tokenizer_dir, self.dirpath / FINAL_MODEL,
+                              self.model.base_checkpoint)
+            else:
+                save_pretrained(self.model.model, self.model_cfg, self.tokenizer_dir, self.dirpath / FINAL_MODEL)
         barrier()
         return folder
 

@@ -46,6 +46,13 @@ def read_model_config(folder: str | Path) -> dict:
     return architecture
 
 
+def write_architecture_and_tokenizer(staging: Path, model_cfg, tokenizer_dir: str | Path) -> None:
+    """``model_config.yaml`` and ``tokenizer/`` into ``staging`` (rank 0 only): what the weights fit."""
+    architecture = GPTArchitecture.from_config(model_cfg).to_dict()
+    OmegaConf.save(OmegaConf.create(architecture), staging / MODEL_CONFIG)
+    shutil.copytree(tokenizer_dir, staging / TOKENIZER_DIR)
+
+
 def write_model_folder(staging: Path, model_chunks, model_cfg, tokenizer_dir: str | Path) -> None:
     """Write the model folder's files into the (existing) folder ``staging`` (collective).
 
@@ -53,9 +60,7 @@ def write_model_folder(staging: Path, model_chunks, model_cfg, tokenizer_dir: st
     checkpoints both call it inside their atomic save.
     """
     if is_rank0():
-        architecture = GPTArchitecture.from_config(model_cfg).to_dict()
-        OmegaConf.save(OmegaConf.create(architecture), staging / MODEL_CONFIG)
-        shutil.copytree(tokenizer_dir, staging / TOKENIZER_DIR)
+        write_architecture_and_tokenizer(staging, model_cfg, tokenizer_dir)
         (staging / WEIGHTS_DIR).mkdir()
     barrier()
     save_model_weights(model_chunks, staging / WEIGHTS_DIR)

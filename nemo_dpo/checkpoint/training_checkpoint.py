@@ -8,6 +8,10 @@ plus::
     trainer_state.json    step, consumed_samples, epoch, metrics at save time
     manifest.json         size and checksum of every other file
 
+With LoRA the model folder is an adapter folder (:mod:`nemo_dpo.checkpoint.adapters`:
+the adapters and a reference to the base model) and the optimizer holds the
+adapters' state only.
+
 It is written atomically; :func:`find_resume_checkpoint` only ever picks a
 folder whose save completed and whose files all match its manifest.
 """
@@ -20,7 +24,15 @@ from pathlib import Path
 
 from megatron.core import dist_checkpointing
 
+from nemo_dpo.checkpoint.adapters import (
+    ADAPTERS_DIR,
+    LORA_CONFIG,
+    load_adapters,
+    read_lora_config,
+    write_adapter_folder,
+)
 from nemo_dpo.checkpoint.dist_ckpt import (
+    KEY_PREFIX,
     atomic_checkpoint_dir,
     is_complete,
     load_model_weights,
@@ -30,6 +42,7 @@ from nemo_dpo.checkpoint.integrity import CheckpointError, folder_problem, one_l
 from nemo_dpo.checkpoint.pretrained import MODEL_CONFIG, WEIGHTS_DIR, write_model_folder
 from nemo_dpo.checkpoint.safe_load import check_dist_checkpoint_files
 from nemo_dpo.checkpoint.training_state import read_training_state, rng_state, set_rng_state, write_training_state
+from nemo_dpo.models.nlp.gpt.lora import adapter_sharded_state_dict, has_lora
 from nemo_dpo.parallel.collectives import broadcast_object, gather_objects_to_rank0, is_rank0, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -38,6 +51,7 @@ TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 OPTIMIZER_DIR = "optimizer"
 _DIST_FOLDERS = (WEIGHTS_DIR, OPTIMIZER_DIR)
+_LORA_DIST_FOLDERS = (ADAPTERS_DIR, OPTIMIZER_DIR)
 # Counters DPOTrainer.load_state_dict takes from trainer_state.json.
 _COUNTERS = ("step", "consumed_samples", "epoch")
 
@@ -53,10 +67,20 @@ def save_training_checkpoint(folder: str | Path, model, optimizer, scheduler, tr
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
             write_training_state(staging / TRAINING_STATE, scheduler.state_dict(), rng_states, loss_states)
             (staging / OPTIMIZER_DIR).mkdir()
-        write_model_folder(staging, model.model, model_cfg, tokenizer_dir)
-        sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model))
+        if has_lora(model.model):
+            write_adapter_folder(staging, model.model, model_cfg, tokenizer_dir, model.base_checkpoint)
+        else:
+            write_model_folder(staging, model.model, model_cfg, tokenizer_dir)
+        sharded = optimizer.sharded_state_dict(_trained_sharded_state_dict(model.model))
         dist_checkpointing.save({"optimizer": sharded}, str(staging / OPTIMIZER_DIR))
     return Path(folder)
+
+
+def _trained_sharded_state_dict(model_chunks) -> dict:
+    """The sharded tensors of what the optimizer trains: the adapters with LoRA, else every weight."""
+    if has_lora(model_chunks):
+        return adapter_sharded_state_dict(model_chunks, KEY_PREFIX)
+    return model_sharded_state_dict(model_chunks)
 
 
 def _restore_loss_state(folder: Path, model, loss_states: list[dict] | None, world: int) -> None:
@@ -97,11 +121,23 @@ def load_training_checkpoint(folder: str | Path, model, optimizer, scheduler) ->
     """
     folder = Path(folder)
     trainer_state = read_trainer_state(folder)
-    with reading(folder, f"{WEIGHTS_DIR}/", _DIST_FOLDERS):
-        load_model_weights(model.model, folder / WEIGHTS_DIR)
+    lora = has_lora(model.model)
+    if lora != (folder / LORA_CONFIG).is_file():
+        raise ValueError(f"{folder} is a {'LoRA' if not lora else 'full fine-tuning'} checkpoint but the run "
+                         f"{'trains LoRA adapters' if lora else 'trains every weight'}: set model.peft.peft_scheme "
+                         "as in the run that saved it")
+    if lora:
+        base = read_lora_config(folder).get("base_checkpoint")
+        if base != model.base_checkpoint and is_rank0():
+            log.warning("%s was trained on the base model %s; this run's base is %s", folder, base,
+                        model.base_checkpoint)
+        load_adapters(model.model, folder)
+    else:
+        with reading(folder, f"{WEIGHTS_DIR}/", _DIST_FOLDERS):
+            load_model_weights(model.model, folder / WEIGHTS_DIR)
     with reading(folder, f"{OPTIMIZER_DIR}/", _DIST_FOLDERS):
         check_dist_checkpoint_files(folder / OPTIMIZER_DIR)
-        sharded = optimizer.sharded_state_dict(model_sharded_state_dict(model.model), is_loading=True)
+        sharded = optimizer.sharded_state_dict(_trained_sharded_state_dict(model.model), is_loading=True)
         loaded = dist_checkpointing.load({"optimizer": sharded}, str(folder / OPTIMIZER_DIR))
         optimizer.load_sharded_state_dict(loaded["optimizer"])
     with reading(folder, TRAINING_STATE):
@@ -132,7 +168,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     for name in (TRAINER_STATE, TRAINING_STATE, MODEL_CONFIG):
         if not (folder / name).is_file():
             return f"{name} is missing"
-    problem = folder_problem(folder, _DIST_FOLDERS)
+    problem = folder_problem(folder, _LORA_DIST_FOLDERS if (folder / LORA_CONFIG).is_file() else _DIST_FOLDERS)
     if problem:
         return problem
     try:

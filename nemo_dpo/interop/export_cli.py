@@ -8,6 +8,13 @@ reads (a nemo-dpo model folder, a ``.nemo`` archive, even an HF folder). The
 model is built at ``--tp``/``--pp`` (the processes left over are data-parallel
 copies), loaded, and gathered to rank 0 one tensor at a time; big models need
 enough processes to hold them, not one host with all the memory.
+
+A LoRA checkpoint (a folder with ``lora.json``: a LoRA run's checkpoint or
+``final_model``) is loaded onto its base model (recorded there; ``--base``
+overrides it). With ``--merge-lora`` the adapters are folded into the weights
+and a full Hugging Face folder is written; without it, a PEFT adapter folder
+(``adapter_config.json``, ``adapter_model.safetensors``) for
+``peft.PeftModel.from_pretrained`` on the Hugging Face base.
 """
 
 from __future__ import annotations
@@ -34,22 +41,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder to use instead of the checkpoint's")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="LoRA checkpoint: write the base with the adapters merged (default: a PEFT adapter folder)")
+    parser.add_argument("--base", default=None, help="LoRA checkpoint: the base model (default: the one it records)")
     return parser.parse_args(argv)
 
 
 def export(args: argparse.Namespace) -> Path:
+    from nemo_dpo.checkpoint.adapters import is_adapter_folder, load_adapters, read_lora_config
+    from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
     from nemo_dpo.interop import open_pretrained
     from nemo_dpo.interop.hf import export_hf
+    from nemo_dpo.interop.hf.peft_adapter import export_peft_adapter
     from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+    from nemo_dpo.models.nlp.gpt.lora import merge_adapters
     from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
 
+    lora = read_lora_config(args.checkpoint) if is_adapter_folder(args.checkpoint) else None
+    if lora is None and (args.merge_lora or args.base):
+        raise ValueError(f"--merge-lora and --base need a LoRA checkpoint; {args.checkpoint} has no lora.json")
     initialize_parallel(ParallelLayout(args.tp, args.pp))
-    source = open_pretrained(args.checkpoint, tokenizer_path=args.tokenizer)
+    base = (args.base or lora["base_checkpoint"] or DEFAULT_MODEL_DIR) if lora else args.checkpoint
+    source = open_pretrained(base, tokenizer_path=args.tokenizer)
     cfg = OmegaConf.create({**source.architecture, "precision": args.load_dtype})
+    if lora:
+        cfg.peft = {"peft_scheme": "lora", "lora_tuning": lora["lora_tuning"]}
     if cfg.get("encoder_seq_length") is None and cfg.get("max_position_embeddings") is None:
         cfg.encoder_seq_length = 2048  # only sizes learned position embeddings, which then are in the config
     chunks = build_gpt_model(cfg, source.vocab_size)
     source.load_weights(chunks)
+    if lora:
+        load_adapters(chunks, args.checkpoint)
+        if not args.merge_lora:
+            return export_peft_adapter(chunks, source.architecture, source.vocab_size, args.out,
+                                       base_model=str(base), dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
+        merge_adapters(chunks)
     return export_hf(
         chunks, source.architecture, source.vocab_size, args.out,
         tokenizer_dir=source.tokenizer_dir, dtype=DTYPES.get(args.dtype),

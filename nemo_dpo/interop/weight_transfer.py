@@ -75,11 +75,16 @@ def _slot(sharded: ShardedTensor) -> Slot:
     return Slot(sharded.key, layer, shape, index, sharded.data, all(r == 0 for r in replica))
 
 
-def iter_slots(model_chunks) -> Iterator[Slot]:
-    """Every weight tensor of this rank's chunks (DDP wrappers are looked through)."""
-    for chunk in model_chunks:
-        module = getattr(chunk, "module", chunk)
-        for sharded in iter_sharded_tensors(module.sharded_state_dict()):
+def iter_slots(model_chunks, sharded_state_dict: dict | None = None) -> Iterator[Slot]:
+    """Every weight tensor of this rank's chunks (DDP wrappers are looked through).
+
+    ``sharded_state_dict``: the tensors of this one instead of the chunks' own
+    (e.g. LoRA adapters, which are not part of the model's).
+    """
+    states = [sharded_state_dict] if sharded_state_dict is not None else [
+        getattr(chunk, "module", chunk).sharded_state_dict() for chunk in model_chunks]
+    for state in states:
+        for sharded in iter_sharded_tensors(state):
             if sharded.data is None or sharded.key.endswith("_extra_state"):
                 continue
             yield _slot(sharded)
@@ -127,14 +132,16 @@ def _order(key: str, layer: int | None) -> tuple:
 
 
 @torch.no_grad()
-def gather_full_tensors(model_chunks) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+def gather_full_tensors(model_chunks, sharded_state_dict: dict | None = None
+                        ) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """``(key, layer, full tensor)`` for every weight, on rank 0 (collective).
 
     Every rank must exhaust the iterator: ranks other than 0 yield nothing but
     send their pieces while it runs. Tensors arrive on rank 0 on the CPU, one at
     a time, in the order embedding, layers, final norm, output layer.
+    ``sharded_state_dict``: as for :func:`iter_slots`.
     """
-    local = [slot for slot in iter_slots(model_chunks) if slot.main_replica]
+    local = [slot for slot in iter_slots(model_chunks, sharded_state_dict) if slot.main_replica]
     meta = [(s.key, s.layer, s.shape, s.index, s.data.dtype) for s in local]
     everyone, rank = all_gather_objects(meta), this_rank()
     pieces: dict[tuple, list] = {}

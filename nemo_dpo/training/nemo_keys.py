@@ -61,10 +61,6 @@ def _equals_key(other: str) -> Callable[[Any, Any], bool]:
     return check
 
 
-def _peft_off(value, cfg) -> bool:
-    return select_value(cfg, "model.peft.peft_scheme") in (None, "none")
-
-
 def _wandb_off(value, cfg) -> bool:
     return select_value(cfg, "exp_manager.create_wandb_logger") in (None, False)
 
@@ -191,13 +187,17 @@ NEMO_KEYS: dict[str, KeyRule] = {
     "model.dpo.average_log_probs": warned("NeMo Aligner does not read it either; use "
                                           "model.dpo.preference_average_log_probs / sft_average_log_probs"),
     # --- model: PEFT ---------------------------------------------------------------------------
-    "model.peft.peft_scheme": refused("LoRA/PEFT is not supported yet; train all parameters with "
-                                      "peft_scheme=none", _is("none", None)),
-    "model.peft.restore_from_path": refused("PEFT adapters are not supported yet; leave it null", _is(None)),
-    "model.peft.restore_from_ckpt.**": refused("PEFT adapters are not supported yet; leave it null",
-                                              _is(None)),
-    "model.peft.lora_tuning.**": refused("LoRA is not supported yet (read only with peft_scheme=lora)",
-                                         _peft_off),
+    "model.peft.peft_scheme": acted("none or lora: LoRA adapters on the parallel linear layers "
+                                    "(models/nlp/gpt/lora.py)"),
+    "model.peft.restore_from_path": acted("LoRA: start from the adapters of a LoRA checkpoint folder "
+                                          "(training/model.py:restore_adapters)"),
+    "model.peft.restore_from_ckpt.**": refused("resume a LoRA run with exp_manager.resume_from_checkpoint (its "
+                                              "checkpoints hold the adapters and their optimizer state)", _is(None)),
+    "model.peft.lora_tuning.weight_tying": refused("one adapter shared by every layer is not supported",
+                                                   _is(False, None)),
+    "model.peft.lora_tuning.position_embedding_strategy": refused("only used with weight_tying, which is not "
+                                                                  "supported", _is(None)),
+    "model.peft.lora_tuning.**": acted("LoRASettings (models/nlp/gpt/lora.py), read with peft_scheme=lora"),
     # --- model: places the run does not load from ----------------------------------------------
     "model.restore_from_path": refused("set pretrained_checkpoint.restore_from_path", _is(None)),
     "model.restore_from_ckpt": refused("set exp_manager.resume_from_checkpoint", _is(None)),

@@ -21,8 +21,9 @@ from nemo_dpo.checkpoint.training_checkpoint import load_training_checkpoint, re
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.optim.optimizer import build_optimizer
 from nemo_dpo.optim.scheduler import build_scheduler
+from nemo_dpo.models.nlp.gpt.lora import has_lora
 from nemo_dpo.training.experiment import build_checkpoint_callback
-from nemo_dpo.training.model import check_peft
+from nemo_dpo.training.model import check_peft, restore_adapters
 from nemo_dpo.training.run import check_run_config, start_parallel
 
 __all__ = [
@@ -88,8 +89,17 @@ def init_distributed(ptl_trainer: ScriptTrainer, ptl_model, use_te: bool = False
 
 
 def init_peft(ptl_model, updated_cfg: DictConfig) -> None:
-    """Full fine-tuning (``model.peft.peft_scheme: none`` or no ``peft``) needs nothing; LoRA is refused (not supported yet)."""
-    check_peft(updated_cfg)
+    """Check ``model.peft``; with LoRA load ``restore_from_path``'s adapters when set.
+
+    The adapters themselves are added (and the base frozen) when the model is
+    built from a config with ``peft_scheme: lora``; a model built without them is refused.
+    """
+    settings = check_peft(updated_cfg)
+    if settings is not None and ptl_model is not None:
+        if not has_lora(ptl_model.model):
+            raise ValueError("model.peft.peft_scheme=lora but the model was built without adapters: "
+                             "build it from the config that has the peft block")
+        restore_adapters(ptl_model, updated_cfg)
 
 
 def retrieve_custom_trainer_state_dict(ptl_trainer: ScriptTrainer) -> dict | None:

@@ -50,7 +50,7 @@ class _ShardWriter:
         path = self.folder / f"part-{len(self.files):05d}.safetensors"
         save_file(self.current, str(path), metadata={"format": "pt"})
         # safetensors creates its files 0600; an exported model is shared like any other file.
-        os.chmod(path, 0o666 & ~_current_umask())
+        os.chmod(path, 0o666 & ~current_umask())
         self.files.append(list(self.current))
         self.current, self.current_bytes = {}, 0
 
@@ -70,7 +70,7 @@ class _ShardWriter:
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     # The only portable way to read the umask is to set it; put it straight back.
     mask = os.umask(0o022)
     os.umask(mask)

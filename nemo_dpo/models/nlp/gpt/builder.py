@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_dpo.models.nlp.gpt.architecture import NORMALIZATIONS, GPTArchitecture, precision_dtype
 from nemo_dpo.models.nlp.gpt.init import initialize_weights
 from nemo_dpo.models.nlp.gpt.layer_specs import gpt_block_spec, gpt_layer_spec
+from nemo_dpo.models.nlp.gpt.lora import LoRASettings, attach_lora
 from nemo_dpo.parallel.cpu_compat import transformer_config_overrides
 from nemo_dpo.parallel.device import accelerator_device
 
@@ -128,12 +129,22 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
     ``vocab_size`` is the tokenizer's; the embedding is padded to
     ``make_vocab_size_divisible_by`` x TP. Weights are initialised with
     :func:`initialize_weights`, so every parallel layout starts from the same
-    model for the same ``seed`` (default ``cfg.seed``).
+    model for the same ``seed`` (default ``cfg.seed``). With ``model.peft.peft_scheme:
+    lora`` the chunks carry LoRA adapters, drawn from ``seed`` too, and their base
+    weights are frozen (``lora.py``).
     """
     arch = GPTArchitecture.from_config(cfg)
+    lora = LoRASettings.from_config(cfg)
+    use_transformer_engine = cfg.get("transformer_engine")
+    if lora is not None:
+        # Adapters hook megatron-core's own parallel linear layers (see lora.py).
+        if use_transformer_engine:
+            raise ValueError("model.transformer_engine=true with model.peft.peft_scheme=lora: the adapters need "
+                             "megatron-core's local layers; set transformer_engine to null or false")
+        use_transformer_engine = False
     config = transformer_config_from_cfg(cfg)
     padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
-    layer_spec = gpt_layer_spec(config.normalization, cfg.get("transformer_engine"), arch.qk_layernorm)
+    layer_spec = gpt_layer_spec(config.normalization, use_transformer_engine, arch.qk_layernorm)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):
@@ -158,7 +169,10 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
         model.true_vocab_size = vocab_size
         _mark_tensor_parallel_weights(model)
         chunks.append(model.to(accelerator_device()))
-    initialize_weights(chunks, config, vocab_size, cfg.get("seed", 1234) if seed is None else seed)
+    seed = cfg.get("seed", 1234) if seed is None else seed
+    initialize_weights(chunks, config, vocab_size, seed)
+    if lora is not None:
+        attach_lora(chunks, lora, seed)
     return chunks
 
 

@@ -7,7 +7,8 @@ forward; the preference loss is a pure function of their masked per-sequence
 sums (or means). The reference policy is a frozen copy of the initial weights
 (``ReferencePolicy``: on the device or in CPU memory, ``model.dpo.ref_policy_placement``)
 put into the same modules, so policy and reference log-probs share one code path
-and are bitwise equal at step 0.
+and are bitwise equal at step 0. With LoRA (``model.peft``) the reference is the
+same modules with the adapters switched off (``AdaptersOffReference``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.losses.mixture import RPO_TERM
 from nemo_dpo.optim.settings import OptimizerSettings
-from nemo_dpo.models.nlp.gpt.reference_policy import ReferencePolicy, check_placement
+from nemo_dpo.models.nlp.gpt.lora import has_lora
+from nemo_dpo.models.nlp.gpt.reference_policy import AdaptersOffReference, ReferencePolicy, check_placement
 from nemo_dpo.parallel.collectives import all_reduce, broadcast
 from nemo_dpo.parallel.global_batch import reduce_global_batch
 from nemo_dpo.models.nlp.gpt.optional_loss_inputs import (
@@ -272,6 +274,9 @@ class MegatronGPTDPOModel:
 
     # The tokenizer (``eos_id``, ``text_to_ids``...), set where a checkpoint is loaded; None when built bare.
     tokenizer = None
+    # The checkpoint the weights were loaded from, recorded by LoRA checkpoints (None: built bare or the
+    # embedded default model).
+    base_checkpoint = None
 
     def __init__(self, cfg, vocab_size: int, model_chunks=None):
         self.cfg = cfg
@@ -290,9 +295,13 @@ class MegatronGPTDPOModel:
         params_dtype = precision_dtype(cfg.get("precision", 32))
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
-        # A reference-free loss never reads the reference: no frozen copy is kept.
-        self.reference_policy = (None if self.preference_loss.reference_free
-                                 else ReferencePolicy(self.model, self.dpo.ref_policy_placement))
+        # A reference-free loss never reads the reference: none is kept. With LoRA the
+        # reference is the base model with adapters off: no copy, no placement to choose.
+        if self.preference_loss.reference_free:
+            self.reference_policy = None
+        else:
+            reference = AdaptersOffReference if has_lora(self.model) else ReferencePolicy
+            self.reference_policy = reference(self.model, self.dpo.ref_policy_placement)
 
     @property
     def ref_policy_state_dict(self) -> dict[str, torch.Tensor]:

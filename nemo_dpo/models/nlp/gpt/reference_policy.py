@@ -17,6 +17,10 @@ code path and are bitwise equal at step 0. Where the reference tensors live is
   embedding are staged once for the whole pass.
 - ``auto``: ``device`` when it fits beside training, else ``cpu``.
 
+With LoRA (:class:`AdaptersOffReference`) the reference is the frozen base
+model itself: its log-probs come from the same modules with the adapters
+switched off, and no reference tensor exists at all.
+
 Nothing is ever copied back: the policy's tensors are never overwritten, only
 set aside and restored, so a megatron DDP buffer they are views of stays theirs.
 """
@@ -28,6 +32,7 @@ import logging
 
 import torch
 
+from nemo_dpo.models.nlp.gpt.lora import adapters_disabled, lora_of
 from nemo_dpo.parallel.device import AheadCopier, free_accelerator_memory, host_staging_copy
 
 log = logging.getLogger(__name__)
@@ -232,3 +237,35 @@ class ReferencePolicy:
                 self._put_back(self._whole_pass, whole_policy)
             self._set_aside.clear()
             self._staged.clear()
+
+
+class AdaptersOffReference:
+    """The reference of a LoRA model: the policy's own modules with the adapters disabled.
+
+    The base weights are frozen, so the reference stays the model training
+    started from without a copy; at step 0 (``B = 0``) policy and reference run
+    the same operations and their log-probs are bitwise equal.
+    """
+
+    placement = "none (LoRA: the frozen base model with adapters off)"
+
+    def __init__(self, model_chunks, placement: str = "auto"):
+        check_placement(placement)
+        if placement != "auto":
+            log.warning("model.dpo.ref_policy_placement=%s has no effect with LoRA: the reference is the base "
+                        "model with adapters off, no copy to place", placement)
+        self._chunks = list(model_chunks)
+
+    def active(self):
+        """Within: the chunks compute as the base model."""
+        return adapters_disabled(self._chunks)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The base weights by ``<chunk>.<parameter name>`` (the frozen parameters themselves)."""
+        adapters = {id(p) for chunk in self._chunks for p in lora_of(chunk).parameters()}
+        return {name: p.detach() for name, p in named_parameters_of_chunks(self._chunks).items()
+                if id(p) not in adapters}
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        raise ValueError("with LoRA (model.peft.peft_scheme=lora) the reference policy is the frozen base model "
+                         "with adapters off; it cannot be set separately")
