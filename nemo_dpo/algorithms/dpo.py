@@ -118,6 +118,8 @@ class DPOTrainer:
         # ``model.dpo.precompute_ref_log_probs``: a RefLogprobCache (set with use_ref_logprob_cache).
         self.ref_logprob_cache = None
         self._ref_logprob_tables: dict[str, object] = {}
+        # Seconds the newest batch of augment_dataloader spent getting its reference log-probs.
+        self._reference_time = 0.0
 
     # ------------------------------------------------------------------ steps
     def train_single_step(self, global_batch: dict) -> tuple[float, dict]:
@@ -171,8 +173,8 @@ class DPOTrainer:
             zip(range(self.limit_val_batches), self.augment_dataloader(self.val_dataloader)),
             total=self.limit_val_batches, desc="Validation steps", leave=False, disable=not is_rank0(),
         )
+        start = time.perf_counter()  # a step's time includes fetching its batch and the reference forward
         for _, batch in progress:
-            start = time.perf_counter()
             _, metrics = self.validation_step(batch)
             pairs = self._global_pairs(batch)
             metrics["validation_step_time"] = time.perf_counter() - start
@@ -180,6 +182,7 @@ class DPOTrainer:
                 totals[key] += value * pairs
             pairs_seen += pairs
             progress.set_postfix({f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "acc")})
+            start = time.perf_counter()
         val_metrics = {key: value / max(pairs_seen, 1) for key, value in totals.items()}
         return val_metrics.get("loss", float("nan")), val_metrics
 
@@ -210,19 +213,24 @@ class DPOTrainer:
                 self.augment_dataloader(self.train_dataloader), initial=self.step, total=self.max_steps,
                 desc="Training steps", leave=True, disable=not is_rank0(),
             )
+            # A step's time runs from asking for its batch to the end of its optimizer step: it
+            # includes collating and the reference forward (augment_dataloader), and excludes
+            # logging, validation and checkpoints.
+            start = time.perf_counter()
             for _, global_batch in zip(range(steps_left), progress):
-                start = time.perf_counter()
                 _, metrics = self.train_single_step(global_batch)
                 self.consumed_samples += self.model.cfg.global_batch_size
                 metrics.update(
                     consumed_samples=self.consumed_samples,
                     step_time=time.perf_counter() - start,
+                    reference_step_time=self._reference_time,
                     epoch=self.epoch + 1,
                 )
                 self.step += 1
                 self.logger.log_metrics(metrics, step=self.step, prefix="train/")
                 if self._finish_step(metrics, progress):
                     return
+                start = time.perf_counter()
         self.logger.finalize()
 
     def _finish_step(self, metrics: dict, progress) -> bool:
@@ -311,6 +319,7 @@ class DPOTrainer:
         table = None if reference_free else self._ref_logprob_table(dataloader)
         for items in dataloader:
             batch = _drop_sampler_padding(self.collate_fn(items))
+            start = time.perf_counter()
             if reference_free:
                 pairs, seq_length = batch["chosen"].shape
                 logprobs = torch.zeros(2 * pairs, seq_length - 1, dtype=torch.float32)
@@ -321,6 +330,7 @@ class DPOTrainer:
             chosen, rejected = torch.split(logprobs, len(logprobs) // 2, dim=0)
             batch["ref_policy_log_probs_chosen"] = chosen
             batch["ref_policy_log_probs_rejected"] = rejected
+            self._reference_time = time.perf_counter() - start
             yield batch
 
 

@@ -20,8 +20,8 @@ from nemo_dpo.training.nemo_keys import NEMO_KEYS, WARNED, select_value, rule_fo
 
 log = logging.getLogger(__name__)
 
-# The repository's conf/ folder (next to the package in a source checkout).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The packaged default config (nemo_dpo/conf/); the repository's conf/gpt_dpo.yaml is the same file.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "gpt_dpo"
 
 
