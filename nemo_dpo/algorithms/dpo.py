@@ -205,32 +205,32 @@ class DPOTrainer:
             return
         self.precompute_ref_logprobs()
         self.run_timer.start_time()
-        for _ in range(self.epoch, self.cfg.max_epochs):
-            steps_left = min(self.max_steps - self.step, self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
-            if steps_left <= 0:
-                break
-            progress = tqdm(
-                self.augment_dataloader(self.train_dataloader), initial=self.step, total=self.max_steps,
-                desc="Training steps", leave=True, disable=not is_rank0(),
-            )
-            # A step's time runs from asking for its batch to the end of its optimizer step: it
-            # includes collating and the reference forward (augment_dataloader), and excludes
-            # logging, validation and checkpoints.
-            start = time.perf_counter()
-            for _, global_batch in zip(range(steps_left), progress):
-                _, metrics = self.train_single_step(global_batch)
-                self.consumed_samples += self.model.cfg.global_batch_size
-                metrics.update(
-                    consumed_samples=self.consumed_samples,
-                    step_time=time.perf_counter() - start,
-                    reference_step_time=self._reference_time,
-                    epoch=self.epoch + 1,
-                )
-                self.step += 1
-                self.logger.log_metrics(metrics, step=self.step, prefix="train/")
-                if self._finish_step(metrics, progress):
-                    return
+        # One bar for the run: steps done of max_steps, the time left at the current pace, loss and accuracy.
+        with tqdm(initial=self.step, total=self.max_steps, desc="Training steps", unit="step", leave=True,
+                  disable=not is_rank0()) as progress:
+            for _ in range(self.epoch, self.cfg.max_epochs):
+                steps_left = min(self.max_steps - self.step,
+                                 self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
+                if steps_left <= 0:
+                    break
+                # A step's time runs from asking for its batch to the end of its optimizer step: it
+                # includes collating and the reference forward (augment_dataloader), and excludes
+                # logging, validation and checkpoints.
                 start = time.perf_counter()
+                for _, global_batch in zip(range(steps_left), self.augment_dataloader(self.train_dataloader)):
+                    _, metrics = self.train_single_step(global_batch)
+                    self.consumed_samples += self.model.cfg.global_batch_size
+                    metrics.update(
+                        consumed_samples=self.consumed_samples,
+                        step_time=time.perf_counter() - start,
+                        reference_step_time=self._reference_time,
+                        epoch=self.epoch + 1,
+                    )
+                    self.step += 1
+                    self.logger.log_metrics(metrics, step=self.step, prefix="train/")
+                    if self._finish_step(metrics, progress):
+                        return
+                    start = time.perf_counter()
         self.logger.finalize()
 
     def _finish_step(self, metrics: dict, progress) -> bool:
@@ -249,7 +249,8 @@ class DPOTrainer:
             _, val_metrics = self.run_validation()
             self.logger.log_metrics(val_metrics, step=self.step, prefix="val/")
             shown.update({f"val_{k}": v for k, v in val_metrics.items()})
-        progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in _PROGRESS_KEYS})
+        progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in _PROGRESS_KEYS}, refresh=False)
+        progress.update(1)
         if save:
             self.save(shown, is_train_end=is_train_end or time_up)
         if time_up:
