@@ -6,7 +6,7 @@ import json
 import struct
 from pathlib import Path
 
-from nemo_dpo.utils.metrics_logger import RECORD_KEYS
+from nemo_dpo.utils.metrics_file import RECORD_KEYS
 
 
 def jsonl_metrics(log_dir: Path) -> dict[int, dict[str, float]]:

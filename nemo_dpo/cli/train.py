@@ -12,8 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nemo_dpo.training import train
-from nemo_dpo.training.config import CONFIG_DIR, CONFIG_NAME
+from nemo_dpo.conf import CONFIG_DIR, CONFIG_NAME
 
 _CONFIG_PATH_FLAGS = ("--config-path", "-cp")
 
@@ -39,6 +38,9 @@ def absolute_config_path(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
 def _run(cfg: DictConfig) -> None:
+    # Imported here so that --help and --cfg answer without loading torch and megatron-core.
+    from nemo_dpo.training import train
+
     train(cfg)
 
 

@@ -12,9 +12,6 @@ from pathlib import Path
 
 from nemo_dpo.parallel.collectives import is_rank0
 
-# Keys of a metrics.jsonl record that are not metrics.
-RECORD_KEYS = ("step", "wall_time")
-
 
 class MetricsLogger:
     """``log_metrics(metrics, step, prefix)`` / ``finalize()``, the logger interface DPOTrainer calls.

@@ -5,12 +5,10 @@ Drawn at the end of every run (rank 0) and on demand by ``nemo-dpo-plot RUN_DIR`
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
-from nemo_dpo.utils.metrics_logger import RECORD_KEYS
+from nemo_dpo.utils.metrics_file import read_series
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +23,6 @@ CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "curve_grad_norm.png": ("Gradient norm", ("train/grad_norm",)),
     "curve_learning_rate.png": ("Learning rate", ("train/lr",)),
 }
-
-
-def read_series(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
-    """``name -> [(step, value)]`` sorted by step, finite values only.
-
-    A step logged twice (a resumed run redoes the steps after its checkpoint) keeps its newest value.
-    """
-    by_name: dict[str, dict[int, float]] = {}
-    with open(metrics_file, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-                # Non-finite values are written as the strings "nan", "inf".
-                values = {name: float(value) for name, value in record.items() if name not in RECORD_KEYS}
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{metrics_file}:{number}: not a metrics record ({error})") from None
-            for name, value in values.items():
-                by_name.setdefault(name, {})[step] = value
-    return {name: sorted((s, v) for s, v in points.items() if math.isfinite(v)) for name, points in by_name.items()}
 
 
 def plot_metrics(run_dir: str | Path) -> dict[Path, list[str]]:
