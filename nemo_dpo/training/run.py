@@ -84,7 +84,7 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
     Starts torch.distributed and megatron-core's groups (or joins a process group
     already started) and tears them down at the end. Metrics land in
     ``<log dir>/metrics.jsonl`` (and TensorBoard, W&B per ``exp_manager``), their curves
-    in ``<log dir>/curve_*.png``, checkpoints in ``<log dir>/checkpoints``.
+    in ``<log dir>/curve_*.png`` (``exp_manager.create_curves``), checkpoints in ``<log dir>/checkpoints``.
     """
     check_run_config(cfg)  # refused before any work starts
     model_cfg = cfg.model
@@ -131,7 +131,7 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
         # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early.
         logger.finalize()
     if is_rank0():
-        curves = plot_metrics_or_warn(log_dir)
+        curves = plot_metrics_or_warn(log_dir) if exp.create_curves else {}
         print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)
         if curves:
             print(f"curves: {log_dir}/curve_*.png ({len(curves)} files)", flush=True)
