@@ -77,7 +77,8 @@ def test_every_key_of_nemo_aligners_yaml_is_acted_on_warned_or_refused(caplog):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("exp_manager.create_wandb_logger=True", "exp_manager.create_wandb_logger=True: W&B logging is not supported yet"),
+    ("++exp_manager.create_mlflow_logger=True", "exp_manager.create_mlflow_logger=True: MLflow logging is not supported"),
+    ("++exp_manager.wandb_logger_kwargs.log_model=True", "log_model=True: checkpoints are not uploaded to W&B"),
     ("model.peft.peft_scheme=lora", "model.peft.peft_scheme='lora': LoRA/PEFT is not supported yet"),
     ("model.peft.restore_from_path=/a/lora.nemo", "model.peft.restore_from_path='/a/lora.nemo': PEFT adapters"),
     ("model.peft.restore_from_ckpt.checkpoint_dir=/a", "restore_from_ckpt.checkpoint_dir='/a': PEFT adapters"),
