@@ -79,3 +79,9 @@ def test_gpu_install_checks_give_the_cpu_answers_here():
     # The apex check fails here as it does on any machine without NVIDIA apex.
     result = subprocess.run([sys.executable, "-c", checks[-1].split('"')[1]], capture_output=True, text=True)
     assert result.returncode != 0 and "No module named 'apex'" in result.stderr
+
+
+def test_readme_links_the_docs():
+    readme = (REPO / "README.md").read_text()
+    for doc in ("docs/multi_node.md", "docs/gpu_install.md"):
+        assert f"]({doc})" in readme and (REPO / doc).is_file(), doc
