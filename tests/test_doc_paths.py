@@ -10,8 +10,8 @@ MACHINE_PATH = re.compile(r"(?<![\w.~-])/(home|Users|root|work|tmp|mnt|scratch)/
 
 
 def recorded_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
-                             "*.md", "benchmarks/results/**"], cwd=REPO, capture_output=True, check=True).stdout.decode()
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "*.md",
+                             "benchmarks/results/**"], cwd=REPO, capture_output=True, check=True).stdout.decode()
     return [REPO / name for name in filter(None, listed.split("\0")) if (REPO / name).is_file()]
 
 

@@ -58,7 +58,8 @@ def test_wandb_asked_for_but_not_installed_is_refused_at_start(monkeypatch):
 def test_every_sink_gets_the_same_names_and_values_and_wandb_leaves_no_process(tmp_path):
     pytest.importorskip("wandb")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    exp = OmegaConf.create({"name": "t", "create_tensorboard_logger": True, "create_wandb_logger": True,
+    exp = OmegaConf.create({"name": "t", "create_tensorboard_logger": True, "create_curves": False,
+                            "create_wandb_logger": True,
                             "wandb_logger_kwargs": {"project": "nemo_dpo_test", "offline": True}})
     logger = build_logger(exp, tmp_path, run_config={"model": {"seed": 1}})
     for step in (1, 2, 3):

@@ -7,8 +7,9 @@ from test_train_gpt_dpo import run_in_pool
 # No validation, checkpoint or TensorBoard between steps: the wall time between two step
 # records is then the step itself plus logging.
 STEPS = 6
-RUN = [f"trainer.dpo.max_steps={STEPS}", "trainer.dpo.limit_val_batches=0", "exp_manager.create_checkpoint_callback=False",
-       "exp_manager.create_tensorboard_logger=False", "model.global_batch_size=16", "model.micro_batch_size=8"]
+RUN = [f"trainer.dpo.max_steps={STEPS}", "trainer.dpo.limit_val_batches=0",
+       "exp_manager.create_checkpoint_callback=False", "exp_manager.create_tensorboard_logger=False",
+       "model.global_batch_size=16", "model.micro_batch_size=8"]
 
 
 def test_step_time_agrees_with_the_wall_time_between_step_records(dist_pool, tmp_path):

@@ -80,7 +80,8 @@ def wandb_init_kwargs(exp: DictConfig, log_dir: Path, run_config: dict | None = 
 
 
 def build_logger(exp: DictConfig, log_dir: Path, run_config: dict | None = None) -> MetricsLogger:
-    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger`` and a W&B
-    run (its config: ``run_config``) with ``create_wandb_logger``."""
+    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger``, a W&B
+    run (its config: ``run_config``) with ``create_wandb_logger``, and curves at the end with ``create_curves``."""
     return MetricsLogger(log_dir, use_tensorboard=exp.get("create_tensorboard_logger", True),
-                         wandb_init=wandb_init_kwargs(exp, log_dir, run_config))
+                         wandb_init=wandb_init_kwargs(exp, log_dir, run_config),
+                         curves=exp.get("create_curves", True))

@@ -26,7 +26,6 @@ from nemo_dpo.training.experiment import (
 from nemo_dpo.training.model import check_peft, load_pretrained_model
 from nemo_dpo.training.ref_cache import build_ref_logprob_cache
 from nemo_dpo.training.trainer import build_trainer
-from nemo_dpo.utils.plotting import plot_metrics_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +127,12 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
     try:
         trainer.fit()
     finally:
-        # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early.
+        # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early;
+        # finalizing also draws the curves (rank 0).
         logger.finalize()
     if is_rank0():
-        curves = plot_metrics_or_warn(log_dir) if exp.create_curves else {}
         print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)
-        if curves:
-            print(f"curves: {log_dir}/curve_*.png ({len(curves)} files)", flush=True)
+        if logger.curves:
+            print(f"curves: {log_dir}/curve_*.png ({len(logger.curves)} files)", flush=True)
     destroy_parallel()
     return log_dir

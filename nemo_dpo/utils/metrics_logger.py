@@ -1,4 +1,5 @@
-"""Writes training metrics to ``metrics.jsonl``, TensorBoard and Weights & Biases, on rank 0 only.
+"""Writes training metrics to ``metrics.jsonl``, TensorBoard and Weights & Biases, on rank 0 only,
+and their curves (PNG) when the run ends.
 
 Every sink gets the same names (``train/loss``, ``val/acc``, ...) at the same steps.
 """
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from nemo_dpo.parallel.collectives import is_rank0
+from nemo_dpo.utils.plotting import plot_metrics_or_warn
 
 
 class MetricsLogger:
@@ -19,11 +21,17 @@ class MetricsLogger:
     ``wandb_init``: keyword arguments of ``wandb.init`` (a W&B run is started with
     them); None for no W&B run. Each metrics.jsonl record also holds ``wall_time``
     (seconds since the epoch, when it was written), as TensorBoard events do.
+    With ``curves``, ``finalize()`` draws ``curve_*.png`` next to metrics.jsonl
+    (:func:`~nemo_dpo.utils.plotting.plot_metrics`; a failure only warns) and
+    keeps what it drew in ``self.curves``.
     """
 
-    def __init__(self, log_dir: str | Path, use_tensorboard: bool = True, wandb_init: dict | None = None):
+    def __init__(self, log_dir: str | Path, use_tensorboard: bool = True, wandb_init: dict | None = None,
+                 curves: bool = True):
         self.active = is_rank0()
         self.log_dir = Path(log_dir)
+        self.draw_curves = curves
+        self.curves: dict[Path, list[str]] = {}
         self._file = None
         self._tensorboard = None
         self._wandb_run = None
@@ -59,9 +67,12 @@ class MetricsLogger:
             self._wandb_run.log(values, step=step)
 
     def finalize(self) -> None:
+        """Close every sink and draw the curves (once: later calls do nothing)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self.draw_curves:
+                self.curves = plot_metrics_or_warn(self.log_dir)
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
