@@ -65,10 +65,16 @@ def installed(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def installed_run(installed, tmp_path_factory) -> dict:
-    """``nemo-dpo-train`` with W&B offline, from an empty folder, with a temp folder of its own."""
+    """``nemo-dpo-train`` with W&B offline, from an empty folder, with a temp folder of its own.
+
+    The tokenizer is given explicitly (the packaged one), so the run stages a copy of it in the
+    temp folder, as it does for Hugging Face and .nemo checkpoints.
+    """
     workdir, temp_dir = tmp_path_factory.mktemp("empty"), tmp_path_factory.mktemp("tmp")
     env = {**installed["env"], "WANDB_MODE": "offline", "TMPDIR": str(temp_dir)}
-    result = subprocess.run(["nemo-dpo-train", *SHORT, "exp_manager.create_wandb_logger=True"], cwd=workdir, env=env,
+    tokenizer = installed["site"] / "nemo_dpo" / "assets" / "default_model" / "tokenizer"
+    result = subprocess.run(["nemo-dpo-train", *SHORT, "exp_manager.create_wandb_logger=True",
+                             f"model.tokenizer.path={tokenizer}"], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return {"log_dir": workdir / "results" / "gpt_dpo", "temp_dir": temp_dir, "stderr": result.stderr}
