@@ -35,6 +35,7 @@ def test_the_packaged_config_is_the_top_level_config():
     (["-cp", "mine"], ["-cp", "{cwd}/mine"]),
     (["--config-path=mine", "--config-name", "x"], ["--config-path={cwd}/mine", "--config-name", "x"]),
     (["--config-path", "/abs/conf"], ["--config-path", "/abs/conf"]),
+    (["--config-path=pkg://my_package.conf"], ["--config-path=pkg://my_package.conf"]),
     (["model.data.data_prefix.train=mine"], ["model.data.data_prefix.train=mine"]),
 ])
 def test_a_relative_config_path_is_taken_from_the_working_directory(argv, expected):

@@ -23,14 +23,17 @@ def absolute_config_path(argv: list[str]) -> list[str]:
     Hydra takes it relative to the module declaring ``hydra.main``, which for an
     installed command is a folder inside site-packages.
     """
+    def absolute(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)  # pkg://... names a Python package
+
     out = []
     pending_flag = False
     for arg in argv:
         flag, equals, value = arg.partition("=")
         if pending_flag:
-            arg = os.path.abspath(arg)
+            arg = absolute(arg)
         elif flag in _CONFIG_PATH_FLAGS and equals:
-            arg = f"{flag}={os.path.abspath(value)}"
+            arg = f"{flag}={absolute(value)}"
         pending_flag = arg in _CONFIG_PATH_FLAGS
         out.append(arg)
     return out
