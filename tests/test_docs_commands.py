@@ -49,6 +49,7 @@ def test_every_command_is_run_by_a_test_or_says_why_not(doc):
         assert code in run_here or before.startswith(NOT_RUN), f"{doc}: neither run nor explained:\n{code}"
 
 
+@pytest.mark.slow
 def test_two_launchers_meet_through_the_c10d_rendezvous_on_one_machine(tmp_path):
     """docs/multi_node.md's one-machine block, as written: two torchrun "nodes" of one process, TP=2."""
     log_dir = tmp_path / "two_nodes"
