@@ -6,7 +6,9 @@
     python examples/train_gpt_dpo.py pretrained_checkpoint.restore_from_path=/path/to/model \\
         model.data.data_prefix.train=train.jsonl model.data.data_prefix.validation=val.jsonl
 
-The job itself is :func:`nemo_dpo.training.train`; this page only hands it Hydra's config.
+The job itself is :func:`nemo_dpo.training.train`; this page only hands it Hydra's config. The
+installed command ``nemo-dpo-train`` runs the same job with the same arguments, reading the copy of
+this config shipped in the package (nemo_dpo/conf/gpt_dpo.yaml, kept identical by the tests).
 """
 
 import hydra

@@ -28,8 +28,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from nemo_dpo.checkpoint.pretrained import save_pretrained
 from nemo_dpo.data.tokenizer import load_tokenizer
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
-from nemo_dpo.optim.optimizer import ReplicatedAdamW
+from nemo_dpo.optim.optimizer import MegatronAdamW
 from nemo_dpo.optim.scheduler import CosineAnnealing
+from nemo_dpo.optim.settings import OptimizerSettings
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel
 from nemo_dpo.parallel.logprobs import vocab_parallel_logprobs
 from nemo_dpo.parallel.schedule import forward_backward, wrap_data_parallel
@@ -102,8 +103,9 @@ def sft_batches(tokenizer, facts, rng: random.Random, batch_size: int):
 
 def train_sft(tokenizer, facts, steps: int, rng: random.Random):
     cfg = OmegaConf.create(MODEL)
-    chunks = wrap_data_parallel(build_gpt_model(cfg, tokenizer.vocab_size, seed=0))
-    optimizer = ReplicatedAdamW(chunks, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    settings = OptimizerSettings.from_config({"name": "adamw", "lr": 2e-3, "weight_decay": 0.01, "betas": [0.9, 0.98]})
+    chunks = wrap_data_parallel(build_gpt_model(cfg, tokenizer.vocab_size, seed=0), settings.ddp_config())
+    optimizer = MegatronAdamW(chunks, settings)
     scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=1e-4, warmup_steps=100)
     batches = sft_batches(tokenizer, facts, rng, batch_size=64)
     vocab = tokenizer.vocab_size

@@ -80,7 +80,7 @@ def test_sequence_length_against_positions():
 def test_unknown_keys_in_a_yaml_file_are_refused_like_command_line_ones(tmp_path):
     config = OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")
     config.model.optim.foo_decay = 0.1
-    config.exp_manager.create_wandb_logger = True
+    config.exp_manager.create_mlflow_logger = True
     OmegaConf.save(config, tmp_path / "mine.yaml")
     cfg = compose_config([], config_dir=tmp_path, config_name="mine")
     with pytest.raises(ValueError, match=r"^unknown config key\(s\) model.optim.foo_decay \(did you mean "
@@ -89,7 +89,7 @@ def test_unknown_keys_in_a_yaml_file_are_refused_like_command_line_ones(tmp_path
     del config.model.optim.foo_decay
     OmegaConf.save(config, tmp_path / "mine.yaml")
     cfg = compose_config([], config_dir=tmp_path, config_name="mine")
-    with pytest.raises(ValueError, match=r"exp_manager.create_wandb_logger=True: W&B logging is not supported yet"):
+    with pytest.raises(ValueError, match=r"exp_manager.create_mlflow_logger=True: MLflow logging is not supported"):
         check_config_keys(cfg)
     # Keys the code reads beyond the YAML (architecture, builder settings) are known.
     check_config_keys(compose_config(["++model.num_layers=2", "++model.init_method_std=0.01"]))

@@ -77,7 +77,8 @@ def test_every_key_of_nemo_aligners_yaml_is_acted_on_warned_or_refused(caplog):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("exp_manager.create_wandb_logger=True", "exp_manager.create_wandb_logger=True: W&B logging is not supported yet"),
+    ("++exp_manager.create_mlflow_logger=True", "exp_manager.create_mlflow_logger=True: MLflow logging is not supported"),
+    ("++exp_manager.wandb_logger_kwargs.log_model=True", "log_model=True: checkpoints are not uploaded to W&B"),
     ("model.peft.lora_tuning.weight_tying=True",
      "model.peft.lora_tuning.weight_tying=True: one adapter shared by every layer is not supported"),
     ("model.peft.lora_tuning.position_embedding_strategy=add",

@@ -118,6 +118,8 @@ class DPOTrainer:
         # ``model.dpo.precompute_ref_log_probs``: a RefLogprobCache (set with use_ref_logprob_cache).
         self.ref_logprob_cache = None
         self._ref_logprob_tables: dict[str, object] = {}
+        # Seconds the newest batch of augment_dataloader spent getting its reference log-probs.
+        self._reference_time = 0.0
 
     # ------------------------------------------------------------------ steps
     def train_single_step(self, global_batch: dict) -> tuple[float, dict]:
@@ -171,8 +173,8 @@ class DPOTrainer:
             zip(range(self.limit_val_batches), self.augment_dataloader(self.val_dataloader)),
             total=self.limit_val_batches, desc="Validation steps", leave=False, disable=not is_rank0(),
         )
+        start = time.perf_counter()  # a step's time includes fetching its batch and the reference forward
         for _, batch in progress:
-            start = time.perf_counter()
             _, metrics = self.validation_step(batch)
             pairs = self._global_pairs(batch)
             metrics["validation_step_time"] = time.perf_counter() - start
@@ -180,6 +182,7 @@ class DPOTrainer:
                 totals[key] += value * pairs
             pairs_seen += pairs
             progress.set_postfix({f"val_{k}": f"{metrics[k]:.4g}" for k in ("loss", "acc")})
+            start = time.perf_counter()
         val_metrics = {key: value / max(pairs_seen, 1) for key, value in totals.items()}
         return val_metrics.get("loss", float("nan")), val_metrics
 
@@ -202,27 +205,32 @@ class DPOTrainer:
             return
         self.precompute_ref_logprobs()
         self.run_timer.start_time()
-        for _ in range(self.epoch, self.cfg.max_epochs):
-            steps_left = min(self.max_steps - self.step, self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
-            if steps_left <= 0:
-                break
-            progress = tqdm(
-                self.augment_dataloader(self.train_dataloader), initial=self.step, total=self.max_steps,
-                desc="Training steps", leave=True, disable=not is_rank0(),
-            )
-            for _, global_batch in zip(range(steps_left), progress):
+        # One bar for the run: steps done of max_steps, the time left at the current pace, loss and accuracy.
+        with tqdm(initial=self.step, total=self.max_steps, desc="Training steps", unit="step", leave=True,
+                  disable=not is_rank0()) as progress:
+            for _ in range(self.epoch, self.cfg.max_epochs):
+                steps_left = min(self.max_steps - self.step,
+                                 self.num_steps_per_epoch - self.step % self.num_steps_per_epoch)
+                if steps_left <= 0:
+                    break
+                # A step's time runs from asking for its batch to the end of its optimizer step: it
+                # includes collating and the reference forward (augment_dataloader), and excludes
+                # logging, validation and checkpoints.
                 start = time.perf_counter()
-                _, metrics = self.train_single_step(global_batch)
-                self.consumed_samples += self.model.cfg.global_batch_size
-                metrics.update(
-                    consumed_samples=self.consumed_samples,
-                    step_time=time.perf_counter() - start,
-                    epoch=self.epoch + 1,
-                )
-                self.step += 1
-                self.logger.log_metrics(metrics, step=self.step, prefix="train/")
-                if self._finish_step(metrics, progress):
-                    return
+                for _, global_batch in zip(range(steps_left), self.augment_dataloader(self.train_dataloader)):
+                    _, metrics = self.train_single_step(global_batch)
+                    self.consumed_samples += self.model.cfg.global_batch_size
+                    metrics.update(
+                        consumed_samples=self.consumed_samples,
+                        step_time=time.perf_counter() - start,
+                        reference_step_time=self._reference_time,
+                        epoch=self.epoch + 1,
+                    )
+                    self.step += 1
+                    self.logger.log_metrics(metrics, step=self.step, prefix="train/")
+                    if self._finish_step(metrics, progress):
+                        return
+                    start = time.perf_counter()
         self.logger.finalize()
 
     def _finish_step(self, metrics: dict, progress) -> bool:
@@ -241,7 +249,8 @@ class DPOTrainer:
             _, val_metrics = self.run_validation()
             self.logger.log_metrics(val_metrics, step=self.step, prefix="val/")
             shown.update({f"val_{k}": v for k, v in val_metrics.items()})
-        progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in _PROGRESS_KEYS})
+        progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in _PROGRESS_KEYS}, refresh=False)
+        progress.update(1)
         if save:
             self.save(shown, is_train_end=is_train_end or time_up)
         if time_up:
@@ -311,6 +320,7 @@ class DPOTrainer:
         table = None if reference_free else self._ref_logprob_table(dataloader)
         for items in dataloader:
             batch = _drop_sampler_padding(self.collate_fn(items))
+            start = time.perf_counter()
             if reference_free:
                 pairs, seq_length = batch["chosen"].shape
                 logprobs = torch.zeros(2 * pairs, seq_length - 1, dtype=torch.float32)
@@ -321,6 +331,7 @@ class DPOTrainer:
             chosen, rejected = torch.split(logprobs, len(logprobs) // 2, dim=0)
             batch["ref_policy_log_probs_chosen"] = chosen
             batch["ref_policy_log_probs_rejected"] = rejected
+            self._reference_time = time.perf_counter() - start
             yield batch
 
 

@@ -1,4 +1,4 @@
-"""Builders shared by the example script, in-process tests and future commands.
+"""Builders shared by the example script, the installed commands (nemo_dpo/cli) and in-process tests.
 
 ``train(compose_config(overrides))`` runs a whole DPO job; the other functions
 are its steps, usable one by one.

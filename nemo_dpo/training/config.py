@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from nemo_dpo.conf import CONFIG_DIR, CONFIG_NAME
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import DPOSettings
 from nemo_dpo.optim.settings import OptimizerSettings
@@ -19,10 +20,6 @@ from nemo_dpo.optim.scheduler import check_schedule_config
 from nemo_dpo.training.nemo_keys import NEMO_KEYS, WARNED, select_value, rule_for, suggest
 
 log = logging.getLogger(__name__)
-
-# The repository's conf/ folder (next to the package in a source checkout).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-CONFIG_NAME = "gpt_dpo"
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: str | Path = CONFIG_DIR,

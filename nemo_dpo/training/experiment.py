@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.checkpoint.callback import CheckpointCallback
 from nemo_dpo.checkpoint.training_checkpoint import checkpoint_problem, find_resume_checkpoint
@@ -47,6 +48,40 @@ def build_checkpoint_callback(exp: DictConfig, log_dir: Path, model, optimizer, 
     )
 
 
-def build_logger(exp: DictConfig, log_dir: Path) -> MetricsLogger:
-    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger``."""
-    return MetricsLogger(log_dir, use_tensorboard=exp.get("create_tensorboard_logger", True))
+def check_loggers(exp: DictConfig) -> None:
+    """Refuse at start-up a logger whose package is missing (``create_wandb_logger`` without wandb)."""
+    if exp.get("create_wandb_logger") and importlib.util.find_spec("wandb") is None:
+        raise ImportError("exp_manager.create_wandb_logger=True needs the wandb package: "
+                          "pip install 'nemo-dpo[wandb]' (or set it to False)")
+
+
+def wandb_init_kwargs(exp: DictConfig, log_dir: Path, run_config: dict | None = None) -> dict | None:
+    """``wandb.init``'s arguments from ``exp_manager.wandb_logger_kwargs`` (NeMo's keys, as PyTorch Lightning's
+    ``WandbLogger`` reads them); None without ``create_wandb_logger``.
+
+    ``name`` defaults to ``exp_manager.name``, ``save_dir`` to the log folder;
+    ``offline: True`` is W&B's offline mode (``WANDB_MODE=offline`` does the same);
+    with an ``id`` (or ``version``) a resumed run continues the same W&B run.
+    The keys accepted are those of nemo_keys.py's table (checked at start-up).
+    """
+    if not exp.get("create_wandb_logger"):
+        return None
+    kwargs = {key: value for key, value in
+              OmegaConf.to_container(exp.get("wandb_logger_kwargs") or {}, resolve=True).items()
+              if value is not None}
+    kwargs.pop("log_model", None)  # only False/null get here
+    run_id = kwargs.pop("id", None) or kwargs.pop("version", None)
+    kwargs.pop("version", None)
+    save_dir = kwargs.pop("save_dir", None) or log_dir
+    offline = kwargs.pop("offline", False)
+    kwargs.setdefault("name", exp.get("name"))
+    return {**kwargs, "dir": str(save_dir), "mode": "offline" if offline else None,  # None: WANDB_MODE decides
+            "id": run_id, "resume": "allow" if run_id else None, "config": run_config}
+
+
+def build_logger(exp: DictConfig, log_dir: Path, run_config: dict | None = None) -> MetricsLogger:
+    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard with ``create_tensorboard_logger``, a W&B
+    run (its config: ``run_config``) with ``create_wandb_logger``, and curves at the end with ``create_curves``."""
+    return MetricsLogger(log_dir, use_tensorboard=exp.get("create_tensorboard_logger", True),
+                         wandb_init=wandb_init_kwargs(exp, log_dir, run_config),
+                         curves=exp.get("create_curves", True))

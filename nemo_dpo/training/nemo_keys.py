@@ -65,6 +65,10 @@ def _wandb_off(value, cfg) -> bool:
     return select_value(cfg, "exp_manager.create_wandb_logger") in (None, False)
 
 
+def _mlflow_off(value, cfg) -> bool:
+    return select_value(cfg, "exp_manager.create_mlflow_logger") in (None, False)
+
+
 def select_value(cfg, key: str):
     from omegaconf import OmegaConf
 
@@ -103,6 +107,7 @@ _CKPT = "nemo-dpo writes and reads its own distributed checkpoints with fixed se
 _TOKENIZER = "the tokenizer comes from the checkpoint; set model.tokenizer.path to use another"
 _PRETRAIN_DATA = "a pretraining-data setting; DPO JSONL files are read whole, with no index or document shuffling"
 _NO_LIGHTNING = "nemo-dpo has no PyTorch Lightning trainer"
+_WANDB_INIT = "passed to wandb.init (utils/metrics_logger.py)"
 _ALWAYS = "nemo-dpo implements only this value"
 
 # key pattern -> rule. Order matters only for which refusal is reported first.
@@ -143,10 +148,30 @@ NEMO_KEYS: dict[str, KeyRule] = {
                                           _equals_key("trainer.max_time"),
                                           "differs from trainer.max_time, the value the run timer reads; "
                                           "set that one"),
-    "exp_manager.create_wandb_logger": refused("W&B logging is not supported yet; metrics go to "
-                                               "<log dir>/metrics.jsonl and TensorBoard", _is(False, None)),
-    "exp_manager.wandb_logger_kwargs.**": refused("W&B logging is not supported yet (read only with "
+    "exp_manager.create_wandb_logger": acted("a Weights & Biases run with metrics.jsonl's metric names "
+                                             "(utils/metrics_logger.py; pip install nemo-dpo[wandb])"),
+    "exp_manager.wandb_logger_kwargs.project": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.name": acted(_WANDB_INIT + " (null: exp_manager.name)"),
+    "exp_manager.wandb_logger_kwargs.offline": acted("W&B's offline mode: the run is written under "
+                                                     "<save_dir>/wandb only, for `wandb sync` later"),
+    "exp_manager.wandb_logger_kwargs.save_dir": acted("the folder W&B writes its wandb/ folder in (null: the log "
+                                                      "folder)"),
+    "exp_manager.wandb_logger_kwargs.id": acted(_WANDB_INIT + "; a resumed run with the same id continues it"),
+    "exp_manager.wandb_logger_kwargs.version": acted("alias of id, as in PyTorch Lightning's WandbLogger"),
+    "exp_manager.wandb_logger_kwargs.entity": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.group": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.tags": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.notes": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.job_type": acted(_WANDB_INIT),
+    "exp_manager.wandb_logger_kwargs.log_model": refused("checkpoints are not uploaded to W&B; they stay in "
+                                                         "<log dir>/checkpoints", _is(False, None)),
+    "exp_manager.wandb_logger_kwargs.**": refused("not a W&B setting nemo-dpo passes on (read only with "
                                                   "create_wandb_logger=True)", _wandb_off),
+    "exp_manager.create_mlflow_logger": refused(
+        "MLflow logging is not supported: mlflow's dependencies (a tracking server, SQL and data libraries) "
+        "outweigh what it adds to metrics.jsonl, TensorBoard and W&B; use one of those", _is(False, None)),
+    "exp_manager.mlflow_logger_kwargs.**": refused("MLflow logging is not supported (read only with "
+                                                   "create_mlflow_logger=True)", _mlflow_off),
     "exp_manager.create_tensorboard_logger": acted("training/experiment.py:build_logger"),
     "exp_manager.resume_from_checkpoint": acted("training/experiment.py:resume_checkpoint"),
     "exp_manager.resume_if_exists": acted("training/experiment.py:resume_checkpoint"),

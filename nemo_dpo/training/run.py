@@ -16,7 +16,13 @@ from nemo_dpo.parallel.collectives import is_rank0
 from nemo_dpo.parallel.initialize import ParallelLayout, destroy_parallel, initialize_parallel, launch_world_size
 from nemo_dpo.training.config import prepare_config
 from nemo_dpo.training.data import build_dataset, build_train_dataloader, build_val_dataloader, check_data_impl
-from nemo_dpo.training.experiment import build_checkpoint_callback, build_logger, log_dir_of, resume_checkpoint
+from nemo_dpo.training.experiment import (
+    build_checkpoint_callback,
+    build_logger,
+    check_loggers,
+    log_dir_of,
+    resume_checkpoint,
+)
 from nemo_dpo.training.model import check_peft, load_pretrained_model
 from nemo_dpo.training.ref_cache import build_ref_logprob_cache
 from nemo_dpo.training.trainer import build_trainer
@@ -43,7 +49,7 @@ def check_launch_size(trainer_cfg: DictConfig, world_size: int | None = None) ->
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Everything refused before work starts: keys and values, data format, launch size, PEFT.
+    """Everything refused before work starts: keys and values, data format, launch size, PEFT, loggers.
 
     A NeMo Aligner config gets our defaults for the keys it lacks (in place).
     """
@@ -51,6 +57,7 @@ def check_run_config(cfg: DictConfig) -> None:
     check_data_impl(cfg.model.data)
     check_launch_size(cfg.trainer)
     check_peft(cfg.model)
+    check_loggers(cfg.exp_manager)
 
 
 def start_parallel(model_cfg: DictConfig) -> None:
@@ -75,7 +82,8 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
 
     Starts torch.distributed and megatron-core's groups (or joins a process group
     already started) and tears them down at the end. Metrics land in
-    ``<log dir>/metrics.jsonl``, checkpoints in ``<log dir>/checkpoints``.
+    ``<log dir>/metrics.jsonl`` (and TensorBoard, W&B per ``exp_manager``), their curves
+    in ``<log dir>/curve_*.png`` (``exp_manager.create_curves``), checkpoints in ``<log dir>/checkpoints``.
     """
     check_run_config(cfg)  # refused before any work starts
     model_cfg = cfg.model
@@ -106,7 +114,7 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
         trainer_state = load_training_checkpoint(resume_from, model, optimizer, scheduler)
 
     ckpt_callback = build_checkpoint_callback(exp, log_dir, model, optimizer, scheduler, model_cfg, tokenizer_dir)
-    logger = build_logger(exp, log_dir)
+    logger = build_logger(exp, log_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, model, tokenizer, optimizer, scheduler, train_dl, val_dl, logger, ckpt_callback)
     if resume_from:
         trainer.load_state_dict(trainer_state)
@@ -119,9 +127,12 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
     try:
         trainer.fit()
     finally:
-        # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early.
+        # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early;
+        # finalizing also draws the curves (rank 0).
         logger.finalize()
     if is_rank0():
         print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)
+        if logger.curves:
+            print(f"curves: {log_dir}/curve_*.png ({len(logger.curves)} files)", flush=True)
     destroy_parallel()
     return log_dir
