@@ -63,3 +63,38 @@ def packing_modes(tp: int, pp: int, items: list[dict], log_dir: str, modes: dict
         out[name] = dict(loss0=step0["loss"], acc0=step0["metrics"]["acc"],
                          bitwise=torch.equal(step0["policy"], step0["reference"]), records=run.get("records"))
     return out
+
+
+def shared_prompt_step_under_recompute(items: list[dict], recompute: dict[str, dict]) -> dict[str, dict]:
+    """Loss and gradients of one shared-prompt packed step per activation-recompute setting in ``recompute``.
+
+    Each entry also counts megatron's ``CheckpointFunction`` runs (0 without recompute).
+    """
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    batch = dpo_custom_collate(items, eos_id=EOS)
+    original = megatron_random.CheckpointFunction.forward
+    out = {}
+    for name, keys in recompute.items():
+        cfg = model_config(2, len(items), data=dict(packing=True, shared_prompt=True, pack_tokens=40))
+        cfg.update(keys)
+        model = MegatronGPTDPOModel(cfg, VOCAB)
+        calls = []
+
+        def counting(ctx, *inputs):
+            calls.append(1)
+            return original(ctx, *inputs)
+
+        step_batch = dict(batch)
+        step_batch["ref_policy_log_probs_chosen"], step_batch["ref_policy_log_probs_rejected"] = (
+            model.get_ref_policy_logprobs(batch).chunk(2))
+        model.prepare_for_training_step()
+        megatron_random.CheckpointFunction.forward = staticmethod(counting)
+        try:
+            loss, _ = model.get_loss_and_metrics(step_batch, forward_only=False)
+        finally:
+            megatron_random.CheckpointFunction.forward = staticmethod(original)
+        grads = [param.main_grad.clone() for chunk in model.model for param in chunk.parameters()]
+        out[name] = dict(loss=loss, grads=grads, checkpointed=len(calls))
+    return out

@@ -17,7 +17,7 @@ from nemo_dpo.data.packing import (
 )
 from nemo_dpo.models.nlp.gpt.attention import SDPACoreAttention
 from nemo_dpo.models.nlp.gpt.megatron_gpt_dpo_model import PackingSettings
-from packing_workers import packing_modes, shared_prompt_logprobs
+from packing_workers import packing_modes, shared_prompt_logprobs, shared_prompt_step_under_recompute
 
 
 def test_first_fit_decreasing_fills_bins_in_decreasing_order():
@@ -203,3 +203,19 @@ def test_packed_training_equals_unpacked(dist_pool, unpacked_run, tmp_path, tp, 
             assert len(want) == (1 if key.startswith("val") else 5)
             assert [r[key] for r in got["records"] if key in r] == pytest.approx(want, abs=1e-5), (name, key)
         assert got["records"][0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_shared_prompt_packing_under_activation_recompute(dist_pool):
+    # The pair blocks reach the attention through megatron's CheckpointFunction (saved, then recomputed).
+    recompute = {
+        "none": {},
+        "selective": dict(activations_checkpoint_granularity="selective"),
+        "full": dict(activations_checkpoint_granularity="full", activations_checkpoint_method="uniform",
+                     activations_checkpoint_num_layers=1),
+    }
+    out = dist_pool.run(1, shared_prompt_step_under_recompute, synthetic_pairs(6, seed=3), recompute)[0]
+    assert out["none"]["checkpointed"] == 0
+    for name in ("selective", "full"):
+        assert out[name]["checkpointed"] > 0 and out[name]["loss"] == pytest.approx(out["none"]["loss"], abs=1e-6)
+        for got, want in zip(out[name]["grads"], out["none"]["grads"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
