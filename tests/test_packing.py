@@ -219,3 +219,16 @@ def test_shared_prompt_packing_under_activation_recompute(dist_pool):
         assert out[name]["checkpointed"] > 0 and out[name]["loss"] == pytest.approx(out["none"]["loss"], abs=1e-6)
         for got, want in zip(out[name]["grads"], out["none"]["grads"]):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_shared_prompt_packing_with_precomputed_reference_logprobs(dist_pool, unpacked_run, tmp_path):
+    # The cache holds get_logprob_batch's padded layout, unpacked from (and packed back into) shared-prompt rows.
+    cache = {"directory": str(tmp_path / "cache"), "parts": {}}
+    data = MODES["packed_shared_prompt"]
+    computed, reused = (dist_pool.run(1, train_dpo, 1, 1, 2, 8, 5, ITEMS, str(tmp_path / name), None, 32, None,
+                                      False, data, 0, cache)[0] for name in ("computed", "reused"))
+    assert computed["ref_forwards"] > 0 and reused["ref_forwards"] == 0
+    for key in ("train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc"):
+        want = [r[key] for r in unpacked_run["records"] if key in r]
+        assert [r[key] for r in computed["records"] if key in r] == pytest.approx(want, abs=1e-5), key
+        assert [r[key] for r in reused["records"] if key in r] == [r[key] for r in computed["records"] if key in r]
