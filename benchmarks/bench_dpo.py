@@ -19,6 +19,7 @@ Only rank 0 prints and writes. See benchmarks/RESULTS.md for the method and numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -77,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--warmup-steps", type=int, default=2, help="full steps run before measuring")
     run.add_argument("--packing", action="store_true",
                      help="model.data.packing: whole pairs packed into rows of micro-batch x 2 x seq-length tokens")
+    run.add_argument("--shared-prompt", action="store_true",
+                     help="model.data.shared_prompt (needs --packing): each pair's prompt computed once")
     run.add_argument("--ref-placement", choices=("auto", "device", "cpu"), default="auto",
                      help="model.dpo.ref_policy_placement: where the frozen reference weights live")
     run.add_argument("--threads", type=int, default=None,
@@ -88,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.shared_prompt and not args.packing:
+        parser.error("--shared-prompt needs --packing")
     return args
 
 
@@ -129,7 +134,7 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size,
                  ref_policy_placement=args.ref_placement),
-        data=dict(packing=args.packing),
+        data=dict(packing=args.packing, shared_prompt=args.shared_prompt),
     ))
 
 
@@ -309,7 +314,10 @@ def main() -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     policy_forward_times, ref_times, train_times, shapes = [], [], [], []
     ref_flops = train_flops = 0.0
+    counted = None
     for step in range(args.warmup_steps + args.steps):
+        if step == args.warmup_steps:
+            counted = dataclasses.replace(model.token_counts)
         # Every rank draws the same global batch (same seed), so TP/PP ranks agree and
         # every layout sees the same data; each DP rank keeps its slice.
         items = synthetic_pairs(args.global_batch_size, args.seq_length, args.vocab_size, seed=step)
@@ -328,6 +336,12 @@ def main() -> None:
     # Measured after the steps: its buffers must not count in the peak memory above.
     ceiling, ceiling_kind = matmul_ceiling(device)
 
+    # Token positions the model computed in the measured steps (each step runs three passes over
+    # its batch: reference, plain policy forward and training), padding and shared prompts included.
+    dp_group = parallel_state.get_data_parallel_group()
+    computed, padding, shared_saved = (
+        all_reduce(getattr(model.token_counts, key) - getattr(counted, key), group=dp_group)
+        for key in ("computed", "padding", "shared_prompt_saved"))
     step_times = [r + t for r, t in zip(ref_times, train_times)]
     elapsed = sum(step_times)
     processed = sum(s["processed"] for s in shapes)
@@ -345,13 +359,16 @@ def main() -> None:
         seq_length=args.seq_length, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, steps=args.steps,
         padding_fraction=1 - real / processed,
+        computed_tokens_per_step=computed / 3 / args.steps,
+        computed_padding_fraction=padding / computed,
+        shared_prompt_saved_fraction=shared_saved / (computed - padding + shared_saved),
         pairs_per_s=args.global_batch_size * args.steps / elapsed,
         real_tokens_per_s=real / elapsed,
         processed_tokens_per_s=processed / elapsed,
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
         ref_share=sum(ref_times) / elapsed,
         ref_placement=model.reference_policy.placement, ref_placement_requested=args.ref_placement,
-        packing=args.packing,
+        packing=args.packing, shared_prompt=args.shared_prompt,
         # Medians: one slow step (a busy machine) does not decide the ratio.
         ref_over_policy_forward=statistics.median(ref_times) / statistics.median(policy_forward_times),
         ref_forward_s_median=statistics.median(ref_times),
@@ -384,7 +401,10 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("parameters (all / in matmuls)", f"{r['model']['params']:,} / {r['model']['matmul_params']:,}"),
         ("global / micro batch (pairs)", f"{r['global_batch_size']} / {r['micro_batch_size']}"),
         ("measured steps (after warm-up)", f"{r['steps']} (after {r['warmup_steps']})"),
-        ("padding fraction", f"{r['padding_fraction']:.1%}"),
+        ("padding of the global batch (not all computed)", f"{r['padding_fraction']:.1%}"),
+        ("padding of the computed tokens", f"{r['computed_padding_fraction']:.1%}"),
+        ("computed tokens per step and pass", f"{r['computed_tokens_per_step']:,.0f}"),
+        ("tokens not computed: shared prompts", f"{r['shared_prompt_saved_fraction']:.1%}"),
         ("pairs/s", f"{r['pairs_per_s']:.3f}"),
         ("non-padding tokens/s", f"{r['real_tokens_per_s']:,.0f}"),
         ("processed (padded) tokens/s", f"{r['processed_tokens_per_s']:,.0f}"),
@@ -392,7 +412,7 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("reference-forward share of step time", f"{r['ref_share']:.1%}"),
         ("reference-forward share of model FLOPs", f"{r['ref_flops_share']:.1%}"),
         ("reference placement (requested)", f"{r['ref_placement']} ({r['ref_placement_requested']})"),
-        ("packing", "on" if r["packing"] else "off"),
+        ("packing, shared prompt", f"{'on' if r['packing'] else 'off'}, {'on' if r['shared_prompt'] else 'off'}"),
         ("reference / plain policy forward, median s",
          f"{r['ref_forward_s_median']:.4f} / {r['policy_forward_s_median']:.4f}"),
         ("reference over plain policy forward (medians)", f"{r['ref_over_policy_forward']:.2f}x"),
