@@ -487,6 +487,8 @@ class MegatronGPTDPOModel:
     def _run_packed_schedule(self, batch: dict, forward_only: bool, logprobs_only: bool):
         """Pack this rank's pairs into micro-batches of one row of at most ``pack_tokens`` tokens and run them.
 
+        With ``shared_prompt`` each pair's block holds its prompt once (``data/packing.py``).
+
         The number of micro-batches ``M`` depends on the data, so it differs between
         DP ranks and steps. megatron's schedule divides each micro-batch's loss by
         ``M`` and DDP averages gradients over the ``D`` DP ranks; a micro-batch of
@@ -495,7 +497,8 @@ class MegatronGPTDPOModel:
         over all ``N`` pairs, as unpacked. With pipeline parallelism every row of
         the step is padded to the step's longest (one activation shape); first-fit
         decreasing leaves at most one pack half full or less, so at most one pack
-        carries more padding than tokens.
+        carries more padding than tokens. Shared prompts change only the blocks'
+        sizes, not this.
         """
         multiple = self._length_multiple()
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
@@ -568,7 +571,8 @@ class MegatronGPTDPOModel:
     def get_logprob_batch(self, batch: dict) -> torch.Tensor:
         """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank.
 
-        With packing, positions past a sequence's end hold 0.
+        With packing, positions past a sequence's end hold 0; with shared prompts a
+        rejected row's prompt positions hold the values computed for its chosen row.
         """
         pairs, seq_length = batch["chosen"].shape
         micro = self.dpo.log_prob_forward_micro_batch_size or self.cfg.micro_batch_size
