@@ -1,4 +1,4 @@
-"""Sequence packing and shared-prompt packing: packed micro-batches give the unpacked log-probs, losses and gradients."""
+"""Packing, with and without shared prompts: packed micro-batches give the unpacked log-probs, losses, gradients."""
 
 import math
 

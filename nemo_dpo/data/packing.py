@@ -258,7 +258,7 @@ def shared_prompt_lengths(batch: dict) -> torch.Tensor:
 
 
 def _span(row: int, first_col: int, stop_col: int, first_dst: int) -> tuple[torch.Tensor, ...]:
-    """(rows, cols, packed columns) of padded row ``row``'s columns ``first_col..stop_col-1`` packed from ``first_dst``."""
+    """(rows, cols, packed columns) of padded row ``row``'s ``first_col..stop_col-1``, packed from ``first_dst``."""
     count = stop_col - first_col
     return (torch.full((count,), row, dtype=torch.long), torch.arange(first_col, stop_col),
             torch.arange(first_dst, first_dst + count))
