@@ -138,8 +138,10 @@ def test_blockwise_attention_equals_the_dense_mask_and_padding_is_finite():
     for got, want in zip(grads, dense_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     for bad in (torch.tensor([[0, 0, 0, 5, 4], [0, 8, 3, 4, 6]]), torch.tensor([[0, 20, 3, 4, 6]])):
-        with pytest.raises(ValueError, match="overlaps another or passes"):
+        with pytest.raises(ValueError, match="overlaps another or passes the row's 30 tokens"):
             attention(q, *kv, bad)
+    with pytest.raises(ValueError, match="names row 2 of a batch of 2"):
+        attention(q, *kv, torch.tensor([[2, 0, 0, 5, 4]]))
 
 
 def test_shared_prompt_needs_packing():

@@ -104,6 +104,8 @@ class SDPACoreAttention(MegatronModule):
         batch, heads, length, _ = q.shape
         by_row: list[list[list[int]]] = [[] for _ in range(batch)]
         for row, *block in blocks.tolist():
+            if not 0 <= row < batch:
+                raise ValueError(f"SDPACoreAttention: a pair block names row {row} of a batch of {batch}")
             by_row[row].append(block)
 
         def padding(count: int) -> torch.Tensor:
