@@ -212,12 +212,14 @@ def finish_phase(device: torch.device) -> float:
 
 
 def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: dict,
-                   device: torch.device, plain_first: bool) -> tuple[float, float, float, float]:
+                   device: torch.device, plain_first: bool) -> tuple[float, float, float, float, float]:
     """One DPOTrainer step (augment_dataloader, then train_single_step) and a plain policy forward.
 
     The plain forward-only log-prob pass (policy weights, same batch) runs before
     or after the reference pass (``plain_first``; alternate it so neither order
-    is favoured) and is not part of the step. Returns (plain forward s, ref s, train s, loss).
+    is favoured) and is not part of the step. Returns (plain forward s, ref s, train s, loss,
+    this process's CPU seconds in the ref and train phases: on a loaded machine they
+    move much less than wall time).
     """
     def plain_forward() -> float:
         start = finish_phase(device)
@@ -226,20 +228,24 @@ def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: 
 
     plain_s = plain_forward() if plain_first else 0.0
     start = finish_phase(device)
+    cpu_start = time.process_time()
     logprobs = model.get_ref_policy_logprobs(batch)
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = logprobs.chunk(2)
     ref_s = finish_phase(device) - start
+    cpu_s = time.process_time() - cpu_start
     if not plain_first:
         plain_s = plain_forward()
     start = finish_phase(device)
+    cpu_start = time.process_time()
     optimizer.zero_grad()
     model.prepare_for_training_step()
     loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
     updated, grad_norm, _ = optimizer.step(clip_grad=1.0)
     train_s = finish_phase(device) - start
+    cpu_s += time.process_time() - cpu_start
     if not updated:
         raise RuntimeError(f"non-finite gradient norm {grad_norm}: the benchmark would time a skipped update")
-    return plain_s, ref_s, train_s, loss
+    return plain_s, ref_s, train_s, loss, cpu_s
 
 
 def matmul_ceiling(device: torch.device, repeats: int = 5) -> tuple[float, str]:
@@ -312,7 +318,7 @@ def main() -> None:
 
     per_rank = args.global_batch_size // dp_size
     dp_rank = parallel_state.get_data_parallel_rank()
-    policy_forward_times, ref_times, train_times, shapes = [], [], [], []
+    policy_forward_times, ref_times, train_times, cpu_times, shapes = [], [], [], [], []
     ref_flops = train_flops = 0.0
     counted = None
     for step in range(args.warmup_steps + args.steps):
@@ -322,12 +328,13 @@ def main() -> None:
         # every layout sees the same data; each DP rank keeps its slice.
         items = synthetic_pairs(args.global_batch_size, args.seq_length, args.vocab_size, seed=step)
         batch = dpo_custom_collate(items[dp_rank * per_rank:(dp_rank + 1) * per_rank], eos_id=EOS)
-        policy_s, ref_s, train_s, loss = timed_dpo_step(model, optimizer, batch, device, plain_first=step % 2 == 0)
+        policy_s, ref_s, train_s, loss, cpu_s = timed_dpo_step(model, optimizer, batch, device, plain_first=step % 2 == 0)
         if step < args.warmup_steps:
             continue
         policy_forward_times.append(policy_s)
         ref_times.append(ref_s)
         train_times.append(train_s)
+        cpu_times.append(cpu_s)
         shape = batch_shape(items, dp_size)
         shapes.append(shape)
         ref, train = step_flops(shape, matmul_params, args.num_layers, args.hidden_size)
@@ -363,6 +370,8 @@ def main() -> None:
         computed_padding_fraction=padding / computed,
         shared_prompt_saved_fraction=shared_saved / (computed - padding + shared_saved),
         pairs_per_s=args.global_batch_size * args.steps / elapsed,
+        # CPU seconds of all ranks (one thread each: no spinning threads counted).
+        pairs_per_cpu_s=args.global_batch_size * args.steps / all_reduce(sum(cpu_times)),
         real_tokens_per_s=real / elapsed,
         processed_tokens_per_s=processed / elapsed,
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
@@ -379,6 +388,7 @@ def main() -> None:
         ceiling_flops_per_s=ceiling, ceiling=ceiling_kind, mfu=model_flops_per_s / ceiling,
         last_loss=loss, load_average_1min_at_start=load_average,
         step_times_ref_s=ref_times, step_times_policy_forward_s=policy_forward_times, step_times_train_s=train_times,
+        step_cpu_s=cpu_times,
         step_processed_tokens=[s["processed"] for s in shapes],
     )
     if dist.get_rank() == 0:
@@ -406,6 +416,7 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("computed tokens per step and pass", f"{r['computed_tokens_per_step']:,.0f}"),
         ("tokens not computed: shared prompts", f"{r['shared_prompt_saved_fraction']:.1%}"),
         ("pairs/s", f"{r['pairs_per_s']:.3f}"),
+        ("pairs per CPU second (all ranks)", f"{r['pairs_per_cpu_s']:.3f}"),
         ("non-padding tokens/s", f"{r['real_tokens_per_s']:,.0f}"),
         ("processed (padded) tokens/s", f"{r['processed_tokens_per_s']:,.0f}"),
         ("s/step mean / min / max", f"{r['step_s_mean']:.3f} / {r['step_s_min']:.3f} / {r['step_s_max']:.3f}"),
