@@ -296,7 +296,7 @@ class MegatronGPTDPOModel:
             self.preference_loss, self.dpo.preference_average_log_probs)
         self._update_loss_state = True
         self.packing = PackingSettings.from_config(cfg)
-        # This rank's token positions computed so far (padding, shared-prompt tokens saved): for benchmarks and logs.
+        # This rank's token positions computed so far, their padding, and shared-prompt tokens not computed.
         self.token_counts = TokenCounts()
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
