@@ -54,7 +54,7 @@ MARKDOWN_HEADER = (
 )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model (rmsnorm, swiglu, rope, no biases, untied output layer)")
     model.add_argument("--num-layers", type=int, default=4)
@@ -88,7 +88,7 @@ def parse_args() -> argparse.Namespace:
                      help="JSON-lines file to append this run's record to ('' to skip)")
     run.add_argument("--markdown", default=str(BENCH_DIR / "RESULTS.md"),
                      help="markdown file whose last table gets this run's row ('' to skip)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     if args.shared_prompt and not args.packing:
