@@ -87,7 +87,8 @@ def main() -> None:
             f"{statistics.median(cpu['padded']) / statistics.median(cpu[name]):.2f}x "
             f"{sum(c['padding'] for c in counts[name]) / sum(c['computed'] for c in counts[name]):>8.1%} "
             f"{sum(c['shared_prompt_saved'] for c in counts[name]) / real:>12.1%}")
-    print(f"1-min load average at start {load_average:.2f}; {args.global_batch_size} pairs per step\n" + "\n".join(lines))
+    print(f"1-min load average at start {load_average:.2f}; {args.global_batch_size} pairs per step")
+    print("\n".join(lines))
     if options.output:
         Path(options.output).parent.mkdir(parents=True, exist_ok=True)
         with open(options.output, "a") as log:
