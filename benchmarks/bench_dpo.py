@@ -25,6 +25,7 @@ Only rank 0 prints and writes. See benchmarks/RESULTS.md for the method and numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -59,7 +60,7 @@ MARKDOWN_HEADER = (
 )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model (rmsnorm, swiglu, rope, no biases, untied output layer)")
     model.add_argument("--num-layers", type=int, default=4)
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--warmup-steps", type=int, default=2, help="full steps run before measuring")
     run.add_argument("--packing", action="store_true",
                      help="model.data.packing: whole pairs packed into rows of micro-batch x 2 x seq-length tokens")
+    run.add_argument("--shared-prompt", action="store_true",
+                     help="model.data.shared_prompt (needs --packing): each pair's prompt computed once")
     run.add_argument("--ref-placement", choices=("auto", "device", "cpu"), default="auto",
                      help="model.dpo.ref_policy_placement: where the frozen reference weights live")
     run.add_argument("--lora", type=int, default=0, metavar="ADAPTER_DIM",
@@ -95,9 +98,11 @@ def parse_args() -> argparse.Namespace:
                      help="JSON-lines file to append this run's record to ('' to skip)")
     run.add_argument("--markdown", default=str(BENCH_DIR / "RESULTS.md"),
                      help="markdown file whose last table gets this run's row ('' to skip)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.shared_prompt and not args.packing:
+        parser.error("--shared-prompt needs --packing")
     return args
 
 
@@ -139,7 +144,7 @@ def model_config(args: argparse.Namespace) -> OmegaConf:
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         dpo=dict(ref_policy_kl_penalty=0.1, log_prob_forward_micro_batch_size=args.micro_batch_size,
                  ref_policy_placement=args.ref_placement),
-        data=dict(packing=args.packing),
+        data=dict(packing=args.packing, shared_prompt=args.shared_prompt),
         peft=dict(peft_scheme="lora" if args.lora else "none",
                   lora_tuning=dict(adapter_dim=args.lora or 1, target_modules=args.lora_targets)),
     ))
@@ -238,12 +243,14 @@ def finish_phase(device: torch.device) -> float:
 
 
 def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: dict,
-                   device: torch.device, plain_first: bool) -> tuple[float, float, float, float]:
+                   device: torch.device, plain_first: bool) -> tuple[float, float, float, float, float]:
     """One DPOTrainer step (augment_dataloader, then train_single_step) and a plain policy forward.
 
     The plain forward-only log-prob pass (policy weights, same batch) runs before
     or after the reference pass (``plain_first``; alternate it so neither order
-    is favoured) and is not part of the step. Returns (plain forward s, ref s, train s, loss).
+    is favoured) and is not part of the step. Returns (plain forward s, ref s, train s, loss,
+    this process's CPU seconds in the ref and train phases: on a loaded machine they
+    move much less than wall time).
     """
     def plain_forward() -> float:
         start = finish_phase(device)
@@ -252,20 +259,24 @@ def timed_dpo_step(model: MegatronGPTDPOModel, optimizer: MegatronAdamW, batch: 
 
     plain_s = plain_forward() if plain_first else 0.0
     start = finish_phase(device)
+    cpu_start = time.process_time()
     logprobs = model.get_ref_policy_logprobs(batch)
     batch["ref_policy_log_probs_chosen"], batch["ref_policy_log_probs_rejected"] = logprobs.chunk(2)
     ref_s = finish_phase(device) - start
+    cpu_s = time.process_time() - cpu_start
     if not plain_first:
         plain_s = plain_forward()
     start = finish_phase(device)
+    cpu_start = time.process_time()
     optimizer.zero_grad()
     model.prepare_for_training_step()
     loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
     updated, grad_norm, _ = optimizer.step(clip_grad=1.0)
     train_s = finish_phase(device) - start
+    cpu_s += time.process_time() - cpu_start
     if not updated:
         raise RuntimeError(f"non-finite gradient norm {grad_norm}: the benchmark would time a skipped update")
-    return plain_s, ref_s, train_s, loss
+    return plain_s, ref_s, train_s, loss, cpu_s
 
 
 def matmul_ceiling(device: torch.device, repeats: int = 5) -> tuple[float, str]:
@@ -338,19 +349,23 @@ def main() -> None:
 
     per_rank = args.global_batch_size // dp_size
     dp_rank = parallel_state.get_data_parallel_rank()
-    policy_forward_times, ref_times, train_times, shapes = [], [], [], []
+    policy_forward_times, ref_times, train_times, cpu_times, shapes = [], [], [], [], []
     ref_flops = train_flops = 0.0
+    counted = None
     for step in range(args.warmup_steps + args.steps):
+        if step == args.warmup_steps:
+            counted = dataclasses.replace(model.token_counts)
         # Every rank draws the same global batch (same seed), so TP/PP ranks agree and
         # every layout sees the same data; each DP rank keeps its slice.
         items = synthetic_pairs(args.global_batch_size, args.seq_length, args.vocab_size, seed=step)
         batch = dpo_custom_collate(items[dp_rank * per_rank:(dp_rank + 1) * per_rank], eos_id=EOS)
-        policy_s, ref_s, train_s, loss = timed_dpo_step(model, optimizer, batch, device, plain_first=step % 2 == 0)
+        policy_s, ref_s, train_s, loss, cpu_s = timed_dpo_step(model, optimizer, batch, device, plain_first=step % 2 == 0)
         if step < args.warmup_steps:
             continue
         policy_forward_times.append(policy_s)
         ref_times.append(ref_s)
         train_times.append(train_s)
+        cpu_times.append(cpu_s)
         shape = batch_shape(items, dp_size)
         shapes.append(shape)
         ref, train = step_flops(shape, matmul_params, args.num_layers, args.hidden_size)
@@ -360,6 +375,12 @@ def main() -> None:
     # Measured after the steps: its buffers must not count in the peak memory above.
     ceiling, ceiling_kind = matmul_ceiling(device)
 
+    # Token positions the model computed in the measured steps (each step runs three passes over
+    # its batch: reference, plain policy forward and training), padding and shared prompts included.
+    dp_group = parallel_state.get_data_parallel_group()
+    computed, padding, shared_saved = (
+        all_reduce(getattr(model.token_counts, key) - getattr(counted, key), group=dp_group)
+        for key in ("computed", "padding", "shared_prompt_saved"))
     step_times = [r + t for r, t in zip(ref_times, train_times)]
     elapsed = sum(step_times)
     processed = sum(s["processed"] for s in shapes)
@@ -377,13 +398,18 @@ def main() -> None:
         seq_length=args.seq_length, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, steps=args.steps,
         padding_fraction=1 - real / processed,
+        computed_tokens_per_step=computed / 3 / args.steps,
+        computed_padding_fraction=padding / computed,
+        shared_prompt_saved_fraction=shared_saved / (computed - padding + shared_saved),
         pairs_per_s=args.global_batch_size * args.steps / elapsed,
+        # CPU seconds of all ranks (one thread each: no spinning threads counted).
+        pairs_per_cpu_s=args.global_batch_size * args.steps / all_reduce(sum(cpu_times)),
         real_tokens_per_s=real / elapsed,
         processed_tokens_per_s=processed / elapsed,
         step_s_mean=elapsed / args.steps, step_s_min=min(step_times), step_s_max=max(step_times),
         ref_share=sum(ref_times) / elapsed,
         ref_placement=model.reference_policy.placement, ref_placement_requested=args.ref_placement,
-        packing=args.packing, lora_adapter_dim=args.lora,
+        packing=args.packing, shared_prompt=args.shared_prompt, lora_adapter_dim=args.lora,
         lora_targets=args.lora_targets if args.lora else None, **footprint,
         # Medians: one slow step (a busy machine) does not decide the ratio.
         ref_over_policy_forward=statistics.median(ref_times) / statistics.median(policy_forward_times),
@@ -395,6 +421,7 @@ def main() -> None:
         ceiling_flops_per_s=ceiling, ceiling=ceiling_kind, mfu=model_flops_per_s / ceiling,
         last_loss=loss, load_average_1min_at_start=load_average,
         step_times_ref_s=ref_times, step_times_policy_forward_s=policy_forward_times, step_times_train_s=train_times,
+        step_cpu_s=cpu_times,
         step_processed_tokens=[s["processed"] for s in shapes],
     )
     if dist.get_rank() == 0:
@@ -417,15 +444,19 @@ def report(record: dict, args: argparse.Namespace) -> None:
         ("parameters (all / in matmuls)", f"{r['model']['params']:,} / {r['model']['matmul_params']:,}"),
         ("global / micro batch (pairs)", f"{r['global_batch_size']} / {r['micro_batch_size']}"),
         ("measured steps (after warm-up)", f"{r['steps']} (after {r['warmup_steps']})"),
-        ("padding fraction", f"{r['padding_fraction']:.1%}"),
+        ("padding of the global batch (not all computed)", f"{r['padding_fraction']:.1%}"),
+        ("padding of the computed tokens", f"{r['computed_padding_fraction']:.1%}"),
+        ("computed tokens per step and pass", f"{r['computed_tokens_per_step']:,.0f}"),
+        ("tokens not computed: shared prompts", f"{r['shared_prompt_saved_fraction']:.1%}"),
         ("pairs/s", f"{r['pairs_per_s']:.3f}"),
+        ("pairs per CPU second (all ranks)", f"{r['pairs_per_cpu_s']:.3f}"),
         ("non-padding tokens/s", f"{r['real_tokens_per_s']:,.0f}"),
         ("processed (padded) tokens/s", f"{r['processed_tokens_per_s']:,.0f}"),
         ("s/step mean / min / max", f"{r['step_s_mean']:.3f} / {r['step_s_min']:.3f} / {r['step_s_max']:.3f}"),
         ("reference-forward share of step time", f"{r['ref_share']:.1%}"),
         ("reference-forward share of model FLOPs", f"{r['ref_flops_share']:.1%}"),
         ("reference placement (requested)", f"{r['ref_placement']} ({r['ref_placement_requested']})"),
-        ("packing", "on" if r["packing"] else "off"),
+        ("packing, shared prompt", f"{'on' if r['packing'] else 'off'}, {'on' if r['shared_prompt'] else 'off'}"),
         ("LoRA adapter_dim (targets)", f"{r['lora_adapter_dim']} ({r['lora_targets']})" if r["lora_adapter_dim"] else "off"),
         ("trained parameters (rank 0)", f"{r['trained_params']:,}"),
         ("grad buffers / optimizer state / reference copy (rank 0)",

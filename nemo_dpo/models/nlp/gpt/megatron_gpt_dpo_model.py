@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from nemo_dpo.data.packing import PackedMicroBatch, block_causal_mask, pack_padded_batch, sequence_logprobs
+from nemo_dpo.data.packing import PackedMicroBatch, TokenCounts, pack_padded_batch, sequence_logprobs
 from nemo_dpo.losses import (
     PreferenceLossInputs,
     PreferenceLossMixture,
@@ -35,6 +35,7 @@ from nemo_dpo.losses import (
     split_chosen_rejected,
 )
 from nemo_dpo.models.nlp.gpt.architecture import precision_dtype
+from nemo_dpo.models.nlp.gpt.attention import SDPACoreAttention
 from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
 from nemo_dpo.losses.mixture import RPO_TERM
 from nemo_dpo.optim.settings import OptimizerSettings
@@ -148,25 +149,47 @@ def _rotary_at_position_ids(gpt, position_ids: torch.Tensor):
         del rope.forward
 
 
+def _check_packed_attention(model_chunks) -> None:
+    """Refuse packing where a layer's core attention cannot take pair blocks (transformer-engine's)."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            core = getattr(module, "core_attention", None)
+            if core is not None and not isinstance(core, SDPACoreAttention):
+                raise ValueError(
+                    f"model.data.packing=true needs the SDPA core attention, not {type(core).__name__}: set "
+                    "model.transformer_engine=false (megatron-core's packed THD path with transformer-engine "
+                    "is not wired in)")
+
+
 @dataclass(frozen=True)
 class PackingSettings:
-    """``model.data.packing`` and ``model.data.pack_tokens`` (see ``_run_packed_schedule``).
+    """``model.data.packing``, ``pack_tokens`` and ``shared_prompt`` (see ``_run_packed_schedule``).
 
     ``pack_tokens``: tokens per packed micro-batch (one row); None:
     ``micro_batch_size x 2 x seq_length``, what an unpacked micro-batch can hold.
     ``length_multiple``: ``model.data.pad_length_to_multiple_of`` for packed rows.
+    ``shared_prompt``: each pair's prompt computed once, its rejected response
+    attending to it but not to the chosen one (``data/packing.py``); it is a way
+    of packing, so it needs ``packing: true`` (refused otherwise rather than
+    turning packing on behind the user's back).
     """
 
     enabled: bool = False
     pack_tokens: int = 0
     length_multiple: int = 1
+    shared_prompt: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "PackingSettings":
         data = cfg.get("data") or {}
         enabled = data.get("packing", False)
-        if not isinstance(enabled, bool):
-            raise ValueError(f"model.data.packing={enabled!r} must be true or false")
+        shared_prompt = data.get("shared_prompt", False)
+        for key, value in (("packing", enabled), ("shared_prompt", shared_prompt)):
+            if not isinstance(value, bool):
+                raise ValueError(f"model.data.{key}={value!r} must be true or false")
+        if shared_prompt and not enabled:
+            raise ValueError("model.data.shared_prompt=true needs model.data.packing=true "
+                             "(a shared prompt is a packed block: set both)")
         seq_length = data.get("seq_length") or cfg.get("encoder_seq_length") or 0
         pack_tokens = data.get("pack_tokens")
         if pack_tokens is None:
@@ -176,7 +199,7 @@ class PackingSettings:
         if enabled and cfg.get("position_embedding_type", "learned_absolute") not in ("rope", "learned_absolute"):
             raise ValueError("model.data.packing=true needs position_embedding_type rope or learned_absolute, got "
                              f"{cfg.get('position_embedding_type')}")
-        return cls(enabled, pack_tokens, data.get("pad_length_to_multiple_of") or 1)
+        return cls(enabled, pack_tokens, data.get("pad_length_to_multiple_of") or 1, shared_prompt)
 
 
 @dataclass(frozen=True)
@@ -288,6 +311,8 @@ class MegatronGPTDPOModel:
             self.preference_loss, self.dpo.preference_average_log_probs)
         self._update_loss_state = True
         self.packing = PackingSettings.from_config(cfg)
+        # This rank's token positions computed so far, their padding, and shared-prompt tokens not computed.
+        self.token_counts = TokenCounts()
         if model_chunks is None:
             model_chunks = build_gpt_model(cfg, vocab_size)
         # DDP's gradient buffers and reduction must match what the optimizer expects.
@@ -295,6 +320,8 @@ class MegatronGPTDPOModel:
         params_dtype = precision_dtype(cfg.get("precision", 32))
         ddp_config = OptimizerSettings.from_config(optim_cfg, params_dtype).ddp_config() if optim_cfg else None
         self.model = wrap_data_parallel(model_chunks, ddp_config)
+        if self.packing.enabled:
+            _check_packed_attention(self.model)
         # A reference-free loss never reads the reference: none is kept. With LoRA the
         # reference is the base model with adapters off: no copy, no placement to choose.
         if self.preference_loss.reference_free:
@@ -345,8 +372,8 @@ class MegatronGPTDPOModel:
             gpt = model.module
             chunked = chunk_size is not None and gpt.post_process
             # Right-padded pairs need no mask: causal attention never looks ahead. Packed
-            # rows attend within each sequence only, with positions restarting per sequence.
-            mask = block_causal_mask(batch.segment_ids.to(device)) if packed else None
+            # rows pass their pair blocks (a CPU tensor) as the mask, attended block by block.
+            mask = batch.blocks if packed else None
             with contextlib.ExitStack() as stack:
                 if chunked:
                     stack.enter_context(_output_layer_passes_hidden_states(gpt))
@@ -492,6 +519,10 @@ class MegatronGPTDPOModel:
             # Each micro-batch to its own longest row (pipelines need one shape per step).
             multiple = self._length_multiple()
             micro_batches = [_trim_to_longest(mb, multiple) for mb in micro_batches]
+        if "chosen_length" in batch:
+            computed = sum(2 * mb["chosen"].shape[0] * mb["chosen"].shape[1] for mb in micro_batches)
+            real = int(batch["chosen_length"].sum() + batch["rejected_length"].sum())
+            self.token_counts.add(TokenCounts(computed=computed, padding=computed - real))
         data = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
         return forward_backward(
             self.model,
@@ -514,6 +545,8 @@ class MegatronGPTDPOModel:
     def _run_packed_schedule(self, batch: dict, forward_only: bool, logprobs_only: bool):
         """Pack this rank's pairs into micro-batches of one row of at most ``pack_tokens`` tokens and run them.
 
+        With ``shared_prompt`` each pair's block holds its prompt once (``data/packing.py``).
+
         The number of micro-batches ``M`` depends on the data, so it differs between
         DP ranks and steps. megatron's schedule divides each micro-batch's loss by
         ``M`` and DDP averages gradients over the ``D`` DP ranks; a micro-batch of
@@ -522,11 +555,14 @@ class MegatronGPTDPOModel:
         over all ``N`` pairs, as unpacked. With pipeline parallelism every row of
         the step is padded to the step's longest (one activation shape); first-fit
         decreasing leaves at most one pack half full or less, so at most one pack
-        carries more padding than tokens.
+        carries more padding than tokens. Shared prompts change only the blocks'
+        sizes, not this.
         """
         multiple = self._length_multiple()
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-        plan = pack_padded_batch(batch, self.packing.pack_tokens, multiple, common_length=pipelined)
+        plan = pack_padded_batch(batch, self.packing.pack_tokens, multiple, common_length=pipelined,
+                                 shared_prompt=self.packing.shared_prompt)
+        self.token_counts.add(plan.counts)
         micro_batches = plan.micro_batches
         loss_scale = None
         if not forward_only:
@@ -593,7 +629,8 @@ class MegatronGPTDPOModel:
     def get_logprob_batch(self, batch: dict) -> torch.Tensor:
         """Per-token log-probs ``[2B, S-1]`` (all chosen rows, then all rejected), on every rank.
 
-        With packing, positions past a sequence's end hold 0.
+        With packing, positions past a sequence's end hold 0; with shared prompts a
+        rejected row's prompt positions hold the values computed for its chosen row.
         """
         pairs, seq_length = batch["chosen"].shape
         micro = self.dpo.log_prob_forward_micro_batch_size or self.cfg.micro_batch_size
