@@ -65,10 +65,11 @@ CASES = [
     ({"ld_alpha": 0.4, "use_weighting": True}, None),
     ({"ld_alpha": 0.4, "use_weighting": True, "log_prob_chunk_size": 7}, None),
     ({"ld_alpha": 0.4, "use_weighting": True}, {"packing": True, "pack_tokens": 40}),
+    ({"ld_alpha": 0.4, "use_weighting": True}, {"packing": True, "pack_tokens": 40, "shared_prompt": True}),
 ]
 
 
-@pytest.mark.parametrize("dpo,data", CASES, ids=["ld", "wpo", "ld+wpo", "ld+wpo-chunked", "ld+wpo-packed"])
+@pytest.mark.parametrize("dpo,data", CASES, ids=["ld", "wpo", "ld+wpo", "ld+wpo-chunked", "ld+wpo-packed", "ld+wpo-shared-prompt"])
 def test_loss_equals_trl_formulas(dist_pool, dpo, data):
     (run,) = dist_pool.run(1, step0_with_a_distinct_reference, dpo, data)
     expected = trl_loss(run, dpo.get("ld_alpha"), dpo.get("use_weighting", False))
