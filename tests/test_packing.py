@@ -234,3 +234,15 @@ def test_shared_prompt_packing_with_precomputed_reference_logprobs(dist_pool, un
         want = [r[key] for r in unpacked_run["records"] if key in r]
         assert [r[key] for r in computed["records"] if key in r] == pytest.approx(want, abs=1e-5), key
         assert [r[key] for r in reused["records"] if key in r] == [r[key] for r in computed["records"] if key in r]
+
+
+def test_transformer_engine_layers_are_refused_with_packing():
+    from omegaconf import OmegaConf
+
+    from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+
+    cfg = OmegaConf.create({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "transformer_engine": True,
+                            "data": {"packing": True}})
+    with pytest.raises(ValueError, match="transformer_engine=true with model.data.packing=true: packed pair blocks "
+                                         "need megatron-core's local layers"):
+        build_gpt_model(cfg, 60)

@@ -136,11 +136,14 @@ def build_gpt_model(cfg, vocab_size: int, seed: int | None = None) -> list[GPTMo
     arch = GPTArchitecture.from_config(cfg)
     lora = LoRASettings.from_config(cfg)
     use_transformer_engine = cfg.get("transformer_engine")
-    if lora is not None:
-        # Adapters hook megatron-core's own parallel linear layers (see lora.py).
+    # Adapters hook megatron-core's own parallel linear layers (see lora.py); packed pair
+    # blocks need our SDPA core attention: both take the local layers.
+    needs_local_layers = {"model.peft.peft_scheme=lora: the adapters need": lora is not None,
+                          "model.data.packing=true: packed pair blocks need": (cfg.get("data") or {}).get("packing")}
+    for why in (why for why, on in needs_local_layers.items() if on):
         if use_transformer_engine:
-            raise ValueError("model.transformer_engine=true with model.peft.peft_scheme=lora: the adapters need "
-                             "megatron-core's local layers; set transformer_engine to null or false")
+            raise ValueError(f"model.transformer_engine=true with {why} megatron-core's local layers; "
+                             "set transformer_engine to null or false")
         use_transformer_engine = False
     config = transformer_config_from_cfg(cfg)
     padded = arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_size)
