@@ -59,10 +59,14 @@ def layout_losses(dist_pool, tmp_path_factory):
         records = dist_pool.run(world, train_dpo, tp, pp, 2, 4, 5, items, log_dir, None, 32, {"lr": 2e-2},
                                 False, None, 0, None, LAYOUT_LORA)[0]["records"]
         losses[(tp, pp, world)] = [r["train/loss"] for r in records if "train/loss" in r]
+    records = dist_pool.run(1, train_dpo, 1, 1, 2, 4, 5, items, str(tmp_path_factory.mktemp("lora_packed")), None, 32,
+                            {"lr": 2e-2}, False, {"packing": True, "shared_prompt": True}, 0, None,
+                            LAYOUT_LORA)[0]["records"]
+    losses["packed, shared prompt"] = [r["train/loss"] for r in records if "train/loss" in r]
     return losses
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS[1:] + ["packed, shared prompt"], ids=str)
 def test_lora_losses_equal_at_every_layout(layout_losses, layout):
     reference = layout_losses[LAYOUTS[0]]
     assert len(reference) == 5 and reference[-1] < reference[0] - 0.01  # it learns
