@@ -63,8 +63,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+DEFAULT_ASSETS = REPO_ROOT / "nemo_dpo" / "assets"
 GLOBAL_BATCH_PAIRS = 16
-SEQ_LENGTH = 512  # longest pair here: 120 + 200 + eos = 321 tokens; nothing is truncated on either side
+SEQ_LENGTH = 512  # tiny Llama: longest pair 120 + 200 + eos = 321 tokens; nothing is truncated on either side
 SEED = 1234
 LEARNING_RATE = 1e-5
 BETA = 0.1  # TRL's beta, our ref_policy_kl_penalty
@@ -127,14 +128,54 @@ def write_tiny_llama(folder: Path, num_pairs: int) -> dict:
         chosen, rejected = text(RESPONSE_TOKENS), text(RESPONSE_TOKENS)
         ours.append(dict(prompt=prompt, chosen_response=chosen, rejected_response=rejected))
         trl.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
-    for name, records in (("ours.jsonl", ours), ("trl.jsonl", trl)):
-        with open(folder / name, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(record) + "\n" for record in records)
+    write_jsonl(folder / "ours.jsonl", ours)
+    write_jsonl(folder / "trl.jsonl", trl)
+    # TRL appends eos to plain-text responses; ours does with append_eod.
     return dict(name="tiny-llama", model_dir=str(model_dir), ours_data=str(folder / "ours.jsonl"),
-                trl_data=str(folder / "trl.jsonl"), pairs=num_pairs, parameters=params,
-                model={k: v for k, v in LLAMA.items() if not k.endswith("token_id")},
+                trl_data=str(folder / "trl.jsonl"), seq_length=SEQ_LENGTH, append_eod=True, pairs=num_pairs,
+                parameters=params, model={k: v for k, v in LLAMA.items() if not k.endswith("token_id")},
                 tokenizer=f"word-level, {VOCAB_SIZE} entries", prompt_tokens=PROMPT_TOKENS,
                 response_tokens=RESPONSE_TOKENS)
+
+
+def write_embedded_default(folder: Path, num_pairs: int, ours_python: str, env: dict) -> dict:
+    """The embedded default model exported to a Hugging Face folder, and its first training pairs.
+
+    The pairs are conversations (a user message, assistant answers): both trainers
+    render them with the tokenizer's chat template and neither appends an eos.
+    """
+    model_dir = folder / "default_model_hf"
+    export = subprocess.run(
+        [ours_python, "-m", "nemo_dpo.interop.export_cli", "--checkpoint", str(DEFAULT_ASSETS / "default_model"),
+         "--out", str(model_dir)], env=env, capture_output=True, text=True)
+    if export.returncode != 0:
+        raise RuntimeError(f"exporting the embedded default model failed:\n{export.stderr[-3000:]}")
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    # Without a class transformers would pick the model type's (Llama's), which adds a BOS.
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config_file.write_text(json.dumps(config, indent=1))
+    with open(DEFAULT_ASSETS / "default_data" / "train.jsonl", encoding="utf-8") as data:
+        ours = [json.loads(line) for line, _ in zip(data, range(num_pairs))]
+    if len(ours) < num_pairs:
+        raise ValueError(f"the embedded default data holds {len(ours)} pairs, fewer than the {num_pairs} needed")
+    trl = [dict(prompt=record["prompt"], **{side: [{"role": "assistant", "content": record[f"{side}_response"]}]
+                                            for side in ("chosen", "rejected")}) for record in ours]
+    write_jsonl(folder / "ours.jsonl", ours)
+    write_jsonl(folder / "trl.jsonl", trl)
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    return dict(name="default", model_dir=str(model_dir), ours_data=str(folder / "ours.jsonl"),
+                trl_data=str(folder / "trl.jsonl"), seq_length=hf_config["max_position_embeddings"],
+                append_eod=False, pairs=num_pairs,
+                model={k: hf_config[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                  "num_hidden_layers", "num_attention_heads",
+                                                  "num_key_value_heads", "tie_word_embeddings")},
+                tokenizer="the embedded character-level tokenizer and its chat template")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
 
 
 # --------------------------------------------------------------------------- workers
@@ -255,7 +296,7 @@ def run_trl(spec: dict) -> dict:
     config = trl.DPOConfig(**{
         "output_dir": spec["output_dir"], "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": GLOBAL_BATCH_PAIRS // micro, "max_steps": spec["steps"],
-        "max_length": SEQ_LENGTH, "learning_rate": LEARNING_RATE, "beta": BETA, "seed": SEED,
+        "max_length": spec["max_length"], "learning_rate": LEARNING_RATE, "beta": BETA, "seed": SEED,
         "use_cpu": True, "bf16": False, "fp16": False, "report_to": "none", "save_strategy": "no",
         "eval_strategy": "no", "dataloader_num_workers": 0, "disable_tqdm": True, **spec["trl_args"],
     })
@@ -299,7 +340,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--trl-python", required=True, help="python of the virtual environment TRL is installed in")
     parser.add_argument("--ours-python", default=sys.executable,
                         help="python of the project's environment (default: this one)")
-    parser.add_argument("--setup", default="tiny-llama", choices=["tiny-llama"])
+    parser.add_argument("--setup", default="tiny-llama", choices=["tiny-llama", "default"],
+                        help="default: the embedded default model (exported to a Hugging Face folder) and data")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--steps", type=int, default=10, help="training steps per run, warm-up included")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the measurement")
@@ -344,8 +386,10 @@ def ours_overrides(setup: dict, args: argparse.Namespace, mode: str, run_dir: Pa
         "exp_manager.resume_if_exists=false",
         f"trainer.dpo.max_steps={args.steps}", "trainer.dpo.max_epochs=1", "trainer.precision=32",
         f"model.global_batch_size={GLOBAL_BATCH_PAIRS}", f"model.micro_batch_size={args.micro_batch_size}",
-        f"model.data.seq_length={SEQ_LENGTH}", "model.data.append_eod=true",  # TRL appends eos to responses
+        f"model.data.seq_length={setup['seq_length']}", f"model.data.append_eod={setup['append_eod']}",
+        # TRL's schedule: linear decay, no warm-up. Neither changes the step's cost.
         f"model.seed={SEED}", f"model.optim.lr={LEARNING_RATE}", f"model.optim.sched.min_lr={LEARNING_RATE / 10}",
+        "model.optim.sched.warmup_steps=0",
         f"model.dpo.ref_policy_kl_penalty={BETA}",
         *MODES[mode]["ours"], *args.ours_override,
     ]
@@ -397,8 +441,24 @@ def check_same_data(runs: list[dict], setup: dict, steps: int) -> str:
     tokens = {run["measured"]["trained_pair_tokens"] for run in runs}
     if len(tokens) != 1:
         raise RuntimeError(f"the runs trained on different token totals {sorted(tokens)}")
+    # Both samplers happen to draw the same order from the same seed; say whether they did.
+    orders = {tuple(step["pair_tokens"] for step in run["result"]["steps"]) for run in runs}
+    order = ("the same pairs in every step on both sides (tokens per step equal)" if len(orders) == 1
+             else "the two trainers drew the pairs in different orders")
     return (f"{len(reference)} pairs tokenised to identical ids on both sides (per-pair SHA-256 of the ids); "
-            f"every run trained on {expected} pairs, {tokens.pop():,} tokens")
+            f"every run trained on {expected} pairs, {tokens.pop():,} tokens; {order}")
+
+
+def scrub(value, replacements: dict[str, str]):
+    """``value`` (nested JSON data) with this machine's paths replaced by placeholders."""
+    if isinstance(value, dict):
+        return {key: scrub(item, replacements) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub(item, replacements) for item in value]
+    if isinstance(value, str):
+        for path, placeholder in replacements.items():
+            value = value.replace(path, placeholder)
+    return value
 
 
 def summarise(runs: list[dict], modes: list[str]) -> dict:
@@ -442,27 +502,14 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "CPU")
-    except OSError:
-        name = "CPU"
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def run_comparison(args: argparse.Namespace, work: Path) -> dict:
+    # The project's environment (this process): bench_dpo's helpers describe the machine and the checkout.
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+    from bench_dpo import device_name, git_revision
+
     started = time.time()
     load_before = os.getloadavg()[0]
-    setup = write_tiny_llama(work / "setup", args.steps * GLOBAL_BATCH_PAIRS)
     threads = str(args.threads)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     # Every math library gets the same thread count; tokenizers' thread pool stays off on both sides.
@@ -472,6 +519,11 @@ def run_comparison(args: argparse.Namespace, work: Path) -> dict:
     # TRL: offline, its datasets cache (and the precompute cache TRL keeps there) inside the work folder.
     trl_env = dict(env, HF_HOME=str(work / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1")
+    num_pairs = args.steps * GLOBAL_BATCH_PAIRS  # one epoch
+    if args.setup == "default":
+        setup = write_embedded_default(work / "setup", num_pairs, args.ours_python, ours_env)
+    else:
+        setup = write_tiny_llama(work / "setup", num_pairs)
     runs = []
     for mode in args.modes:
         for repeat in range(args.repeats):
@@ -482,6 +534,7 @@ def run_comparison(args: argparse.Namespace, work: Path) -> dict:
                     result = run_worker(side, args.ours_python, spec, run_dir, ours_env)
                 else:
                     spec = dict(threads=args.threads, model_dir=setup["model_dir"], data=setup["trl_data"],
+                                max_length=setup["seq_length"],
                                 micro_batch_size=args.micro_batch_size, steps=args.steps,
                                 output_dir=str(run_dir / "run"), trl_args={**MODES[mode]["trl"], **args.trl_args})
                     result = run_worker(side, args.trl_python, spec, run_dir, trl_env)
@@ -495,20 +548,21 @@ def run_comparison(args: argparse.Namespace, work: Path) -> dict:
     first = {side: next(run["result"] for run in runs if run["side"] == side) for side in ("ours", "trl")}
     for run in runs:  # the digests are checked; the per-step records stay
         run["result"].pop("pair_digests")
-        run["spec"].pop("output_dir", None)
-    return dict(
+    record = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), commit=git_revision(),
         label=args.label, command="python benchmarks/bench_trl.py " + shlex.join(args.argv),
-        machine=cpu_name(), load_average_before=load_before, load_average_after=os.getloadavg()[0],
+        machine=device_name(torch.device("cpu")), load_average_before=load_before, load_average_after=os.getloadavg()[0],
         wall_s=time.time() - started, threads=args.threads,
         versions=dict(ours=first["ours"]["versions"], trl=first["trl"]["versions"]),
         trl_config=first["trl"]["config"],
         settings=dict(steps=args.steps, warmup_steps=args.warmup_steps, repeats=args.repeats,
                       global_batch_pairs=GLOBAL_BATCH_PAIRS, micro_batch_pairs=args.micro_batch_size,
-                      seq_length=SEQ_LENGTH, ours_overrides=args.ours_override, trl_args=args.trl_args),
+                      seq_length=setup["seq_length"], ours_overrides=args.ours_override, trl_args=args.trl_args),
         setup={k: v for k, v in setup.items() if k not in ("model_dir", "ours_data", "trl_data")},
         same_data=same_data, summary=summary, runs=runs,
     )
+    # No path of this machine in the results: the work folder, the TRL interpreter, the checkout.
+    return scrub(record, {str(work): "$WORK", args.trl_python: "$TRL_PYTHON", str(REPO_ROOT): "."})
 
 
 def main(argv: list[str]) -> None:
@@ -516,7 +570,7 @@ def main(argv: list[str]) -> None:
         worker_main(*argv[1:])
         return
     args = parse_args(argv)
-    args.argv = [a if not a.startswith(str(Path.home())) else "~" + a[len(str(Path.home())):] for a in argv]
+    args.argv = argv
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_trl_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
