@@ -516,9 +516,7 @@ def run_comparison(args: argparse.Namespace, work: Path) -> dict:
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     # Ours: this checkout's nemo_dpo (not whatever copy the environment has installed).
     ours_env = dict(env, PYTHONPATH=str(REPO_ROOT))
-    # TRL: offline, its datasets cache (and the precompute cache TRL keeps there) inside the work folder.
-    trl_env = dict(env, HF_HOME=str(work / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1")
+    trl_env = dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     num_pairs = args.steps * GLOBAL_BATCH_PAIRS  # one epoch
     if args.setup == "default":
         setup = write_embedded_default(work / "setup", num_pairs, args.ours_python, ours_env)
@@ -537,7 +535,10 @@ def run_comparison(args: argparse.Namespace, work: Path) -> dict:
                                 max_length=setup["seq_length"],
                                 micro_batch_size=args.micro_batch_size, steps=args.steps,
                                 output_dir=str(run_dir / "run"), trl_args={**MODES[mode]["trl"], **args.trl_args})
-                    result = run_worker(side, args.trl_python, spec, run_dir, trl_env)
+                    # Its own datasets cache, where TRL also keeps precomputed log-probs: each run
+                    # precomputes afresh, as each of ours does in its own log folder.
+                    result = run_worker(side, args.trl_python, spec, run_dir,
+                                        dict(trl_env, HF_HOME=str(run_dir / "hf_home")))
                 measured = measure(result, args.warmup_steps)
                 runs.append(dict(mode=mode, repeat=repeat, side=side, spec=spec, measured=measured, result=result))
                 print(f"{mode} #{repeat} {side}: {measured['pairs_per_s']:.2f} pairs/s, "
