@@ -26,16 +26,18 @@ Then, from the repository root with the project's environment active:
 
 ``--ours-override`` (repeatable) passes Hydra overrides to nemo-dpo's run, so any
 of its options can be compared; ``--trl-arg key=value`` sets a ``DPOConfig``
-field on the TRL side. The set-up ``tiny-llama`` (the default and only one) is
-written by this script, deterministically, into a temporary folder removed at exit
-(or ``--work-dir``): a ``tokenizers`` word-level tokenizer of 2,048 entries, a
-``LlamaConfig`` model (hidden 256, 4 layers, 8 heads, 4 key-value heads, FFN 768,
-untied output) saved with ``save_pretrained`` as safetensors, and the pairs as
-JSONL twice: NeMo Aligner's ``prompt``/``chosen_response``/``rejected_response``
-for nemo-dpo and ``prompt``/``chosen``/``rejected`` for TRL (prompts 20-120
-tokens, responses 10-200 tokens plus the eos both trainers append).
+field on the TRL side (value as JSON, e.g. ``gradient_checkpointing=false``).
+The set-up is written into a temporary folder removed at exit (or ``--work-dir``).
+``--setup tiny-llama`` (the default), deterministically: a ``tokenizers``
+word-level tokenizer of 2,048 entries, a ``LlamaConfig`` model (hidden 256, 4
+layers, 8 heads, 4 key-value heads, FFN 768, untied output) saved with
+``save_pretrained`` as safetensors, and the pairs as JSONL twice: NeMo Aligner's
+``prompt``/``chosen_response``/``rejected_response`` for nemo-dpo and
+``prompt``/``chosen``/``rejected`` for TRL (prompts 20-120 tokens, responses
+10-200 tokens plus the eos both trainers append). ``--setup default``: the
+embedded default model exported to a Hugging Face folder, and its data.
 
-Prints a table and writes ``benchmarks/results/bench_trl.json`` (``--output``).
+Prints a table and writes ``benchmarks/results/bench_trl[-LABEL].json`` (``--output``).
 Method and numbers: benchmarks/RESULTS.md, "nemo-dpo vs TRL".
 
 This one file is also each run's worker (``_worker ours|trl``, started by the
@@ -353,7 +355,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for nemo-dpo's run, e.g. model.data.packing=true (repeatable)")
     parser.add_argument("--trl-arg", action="append", default=[], metavar="FIELD=JSON",
-                        help="a DPOConfig field for TRL's run, value as JSON, e.g. padding_free=true (repeatable)")
+                        help="a DPOConfig field for TRL's run, value as JSON, e.g. gradient_checkpointing=false "
+                             "(repeatable)")
     parser.add_argument("--label", default="", help="names this comparison in the output (e.g. packing)")
     parser.add_argument("--work-dir", help="keep the set-up and run folders here (default: a temporary folder)")
     parser.add_argument("--output", help="JSON result file (default benchmarks/results/bench_trl[-LABEL].json)")
