@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from nemo_dpo.data.records import PreferenceDataError
+from nemo_dpo.data.records import PreferenceDataError, validate_record
 
 __all__ = ["FieldNames", "NEMO_FIELD_NAMES", "RecordFormat", "TRL_FIELD_NAMES", "split_shared_prompt"]
 
@@ -107,16 +107,14 @@ class RecordFormat:
         return nemo
 
     def to_record(self, row: Any, where: str) -> dict:
-        """The NeMo Aligner record of ``row``; errors name ``where`` and the source's own field names.
-
-        The record is checked afterwards by ``validate_record``; here only what the mapping needs.
-        """
+        """The checked NeMo Aligner record of ``row``; errors name ``where`` and the source's own field names."""
         if not isinstance(row, dict):
             raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if self.detected is None:
             self.detected = self._detect(row)
         names = self.detected
         if names == NEMO_FIELD_NAMES:
+            validate_record(row, where)
             return row  # already NeMo Aligner's record
         chosen, rejected = row.get(names.chosen_response), row.get(names.rejected_response)
         prompt = None if names.prompt is None else row.get(names.prompt)
@@ -142,6 +140,10 @@ class RecordFormat:
             value = row.get(getattr(names, key))
             if value is not None:
                 record[key] = value
+        shown = asdict(names)
+        if implicit:
+            shown["prompt"] = "prompt (the messages chosen and rejected share)"
+        validate_record(record, where, shown)
         return record
 
     def describe(self) -> str:

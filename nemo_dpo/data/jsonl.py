@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from nemo_dpo.data.formats import RecordFormat
-from nemo_dpo.data.records import LocatedRecords, PreferenceDataError, validate_record
+from nemo_dpo.data.records import LocatedRecords, PreferenceDataError
 
 __all__ = ["JsonlRecords", "load_jsonl"]
 
@@ -131,9 +131,7 @@ def load_jsonl(
             if max_record_chars is not None and len(text.rstrip("\r\n")) > max_record_chars:
                 too_long.append(line_number)
                 continue
-            record = record_format.to_record(_parse(text, where), where)
-            validate_record(record, where)
-            records.append(record)
+            records.append(record_format.to_record(_parse(text, where), where))
             line_numbers.append(line_number)
     if not records:
         skipped = (

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import re
 from numbers import Real
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["LocatedRecords", "MESSAGE_ROLES", "PreferenceDataError", "record_chars", "validate_record"]
 
 REQUIRED_KEYS = ("prompt", "chosen_response", "rejected_response")
+REWARD_KEYS = ("chosen_reward", "rejected_reward")
 # Roles a chat template is written for; "tool" turns (tool results) are rendered by the
 # templates of tool-using models, and the template path hands messages over unchanged.
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -88,29 +89,34 @@ def _is_finite(value: Real) -> bool:
         return False
 
 
-def validate_record(record: Any, where: str) -> None:
-    """Raise :class:`PreferenceDataError` (prefixed with ``where``) unless ``record`` is a usable pair."""
+def validate_record(record: Any, where: str, field_names: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`PreferenceDataError` (prefixed with ``where``) unless ``record`` is a usable pair.
+
+    ``field_names``: the name to show for each record key in messages (the source's own
+    field, when a reader mapped it); NeMo Aligner's keys otherwise.
+    """
+    shown = {key: key for key in (*REQUIRED_KEYS, *REWARD_KEYS)} | dict(field_names or {})
     if not isinstance(record, dict):
         raise PreferenceDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in record]
+    missing = [shown[key] for key in REQUIRED_KEYS if key not in record]
     if missing:
         raise PreferenceDataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
     prompt = record["prompt"]
     chat = isinstance(prompt, list)
     if chat:
-        _check_messages(prompt, "prompt", where)
+        _check_messages(prompt, shown["prompt"], where)
     elif isinstance(prompt, str):
-        _check_text(prompt, "'prompt'", where)
+        _check_text(prompt, repr(shown["prompt"]), where)
     else:
-        raise PreferenceDataError(f"{where}: 'prompt' must be a string or a list of messages")
+        raise PreferenceDataError(f"{where}: {shown['prompt']!r} must be a string or a list of messages")
     for key in ("chosen_response", "rejected_response"):
-        _check_response(record[key], key, chat, where)
-    for key in ("chosen_reward", "rejected_reward"):
+        _check_response(record[key], shown[key], chat, where)
+    for key in REWARD_KEYS:
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-            raise PreferenceDataError(f"{where}: {key!r} must be a number, got {value!r}")
+            raise PreferenceDataError(f"{where}: {shown[key]!r} must be a number, got {value!r}")
         if value is not None and not _is_finite(value):
-            raise PreferenceDataError(f"{where}: {key!r} must be finite, got {value!r}")
+            raise PreferenceDataError(f"{where}: {shown[key]!r} must be finite, got {value!r}")
 
 
 def record_chars(record: dict) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from nemo_dpo.data.formats import RecordFormat
-from nemo_dpo.data.records import LocatedRecords, PreferenceDataError, validate_record
+from nemo_dpo.data.records import LocatedRecords, PreferenceDataError
 
 __all__ = ["DATASET_MARKERS", "TableRecords", "is_datasets_folder", "load_datasets_folder", "load_parquet"]
 
@@ -26,27 +26,17 @@ _EXTRA = "pip install 'nemo-dpo[datasets]'"
 
 
 class TableRecords(LocatedRecords):
-    """Records of one Parquet file or ``datasets`` folder, each remembering its row."""
-
-    def __init__(self, records: list[dict], source: str, rows: list[int]):
-        super().__init__(records, source)
-        self.rows = rows
+    """Records of one Parquet file or ``datasets`` folder: record ``i`` is row ``i``."""
 
     def where(self, index: int) -> str:
-        return f"{self.source}, row {self.rows[index]}"
+        return f"{self.source}, row {index}"
 
 
 def _records(rows: Iterable[dict], source: str, record_format: RecordFormat) -> TableRecords:
-    records, numbers = [], []
-    for number, row in enumerate(rows):
-        where = f"{source}, row {number}"
-        record = record_format.to_record(row, where)
-        validate_record(record, where)
-        records.append(record)
-        numbers.append(number)
+    records = [record_format.to_record(row, f"{source}, row {number}") for number, row in enumerate(rows)]
     if not records:
         raise PreferenceDataError(f"{source}: no records")
-    return TableRecords(records, source, numbers)
+    return TableRecords(records, source)
 
 
 def _import(module: str, what: str):
