@@ -198,21 +198,32 @@ def test_damaged_parquet_is_named(tmp_path):
 
 def test_trl_data_trains(dist_pool, tmp_path, tokenizer):
     """A blend of TRL files (implicit-prompt JSONL, message-list Parquet, string datasets folder) trains."""
-    pairs = [json.loads(line) for line in (ASSETS / "default_data" / "train.jsonl").read_text().splitlines()[:48]]
+    pairs = [json.loads(line) for line in (ASSETS / "default_data" / "train.jsonl").read_text().splitlines()[:24]]
     rows = [(r["prompt"], r["chosen_response"], r["rejected_response"]) for r in pairs]
-    implicit = write([{"chosen": p + [assistant(c)], "rejected": p + [assistant(r)]} for p, c, r in rows[:16]],
+    implicit = write([{"chosen": p + [assistant(c)], "rejected": p + [assistant(r)]} for p, c, r in rows[:8]],
                      "jsonl", tmp_path / "implicit")
-    messages = write([{"prompt": p, "chosen": [assistant(c)], "rejected": [assistant(r)]} for p, c, r in rows[16:32]],
+    messages = write([{"prompt": p, "chosen": [assistant(c)], "rejected": [assistant(r)]} for p, c, r in rows[8:16]],
                      "parquet", tmp_path / "messages")
     strings = write([{"prompt": tokenizer.apply_chat_template(p, add_generation_prompt=True), "chosen": c,
-                      "rejected": r} for p, c, r in rows[32:]], "datasets", tmp_path / "strings")
+                      "rejected": r} for p, c, r in rows[16:]], "datasets", tmp_path / "strings")
     records = run_in_pool(
         dist_pool, tmp_path / "logs",
         f"model.data.data_prefix.train=[1,{implicit},1,{messages},1,{strings}]",
         f"model.data.data_prefix.validation={messages}",
-        "trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "model.global_batch_size=16",
+        "trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "model.global_batch_size=8",
         "model.micro_batch_size=8", "exp_manager.create_checkpoint_callback=False",
+        "exp_manager.create_tensorboard_logger=False",
     )
     losses = series(records, "train/loss")
     assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2)) and all(map(math.isfinite, losses))
     assert series(records, "val/loss")[-1] < math.log(2)
+
+
+def test_field_names_with_packed_npy_are_refused():
+    from omegaconf import OmegaConf
+
+    from nemo_dpo.training.data import check_data_impl
+
+    check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl"}))
+    with pytest.raises(ValueError, match="packed .npy files .data_impl=packed_jsonl. hold token ids"):
+        check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl", "field_names": {"prompt": "question"}}))
