@@ -227,3 +227,49 @@ def test_field_names_with_packed_npy_are_refused():
     check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl"}))
     with pytest.raises(ValueError, match="packed .npy files .data_impl=packed_jsonl. hold token ids"):
         check_data_impl(OmegaConf.create({"data_impl": "packed_jsonl", "field_names": {"prompt": "question"}}))
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "data_formats.md"
+
+
+def doc_blocks(language: str) -> list[tuple[str, str]]:
+    """(info string after the language, body) of each ```<language> block of docs/data_formats.md."""
+    import re
+
+    return re.findall(rf"^```{language}([^\n]*)\n(.*?)^```$", DOC.read_text(), flags=re.M | re.S)
+
+
+def test_doc_examples(tokenizer, tmp_path):
+    """Every JSONL example of docs/data_formats.md reads, and all give the same tokens (one pair, many layouts)."""
+    blocks = doc_blocks("jsonl")
+    names = [info.split()[0] for info, _ in blocks]
+    assert names == ["nemo-messages", "nemo-string", "trl-strings", "trl-messages", "trl-implicit", "custom-fields"]
+    results = {}
+    for info, body in blocks:
+        name, _, setting = info.strip().partition(" ")
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(body)
+        field_names = json.loads(setting.removeprefix("field_names=")) if setting else None
+        results[name] = items(tokenizer, path, field_names=field_names)
+    assert all(result == results["nemo-messages"] for result in results.values())
+    answer = [t for t in results["nemo-messages"][0]["chosen_labels"] if t != -100]
+    assert answer == tokenizer.text_to_ids("4\n")
+
+
+def test_doc_commands(tmp_path, monkeypatch):
+    """The page's Python snippet runs (on a local file, caching under tmp_path); its command's overrides compose."""
+    from nemo_dpo.training import compose_config
+
+    (python,) = [body for _, body in doc_blocks("python")]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    exec(compile(python, str(DOC), "exec"), {})
+    assert load_preference_records(tmp_path / "pairs_ds", "train")[0]["chosen_response"] == "a"
+    (bash,) = [body for _, body in doc_blocks("bash")]
+    overrides = bash.replace("\\\n", " ").split()[2:]
+    cfg = compose_config(overrides)
+    assert dict(cfg.model.data.field_names) == {"prompt": "question", "chosen_response": "good",
+                                                "rejected_response": "bad", "chosen_reward": "chosen_reward",
+                                                "rejected_reward": "rejected_reward"}
