@@ -34,3 +34,25 @@ def sharded_argmax(full_logits, vocab_size: int) -> list[int]:
     shard = full_logits.shape[-1] // tp
     rank = dist.get_rank()
     return vocab_parallel_argmax(full_logits[..., rank * shard:(rank + 1) * shard], vocab_size).tolist()
+
+
+def default_task_exact_match(num_prompts: int) -> float:
+    """``TaskExactMatch`` of the embedded default model on the first validation prompts, in one process."""
+    from omegaconf import OmegaConf
+
+    from nemo_dpo.checkpoint.pretrained import DEFAULT_MODEL_DIR
+    from nemo_dpo.data import DPOModelDataset
+    from nemo_dpo.generation.task_metric import TaskExactMatch
+    from nemo_dpo.interop import open_pretrained
+    from nemo_dpo.models.nlp.gpt.builder import build_gpt_model
+    from nemo_dpo.parallel.initialize import ParallelLayout, initialize_parallel
+    from nemo_dpo.training.data import DEFAULT_DATA_DIR
+
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    source = open_pretrained(DEFAULT_MODEL_DIR)
+    chunks = build_gpt_model(OmegaConf.create(source.architecture), source.vocab_size, seed=0)
+    source.load_weights(chunks)
+    tokenizer = source.load_tokenizer()
+    dataset = DPOModelDataset(None, tokenizer, "validation", DEFAULT_DATA_DIR / "validation.jsonl", None, None,
+                              source.architecture["encoder_seq_length"], 0)
+    return TaskExactMatch(dataset, tokenizer, source.vocab_size, 8, num_prompts).measure(chunks)

@@ -64,3 +64,35 @@ def test_prompt_and_reference_of_a_dataset_item(tokenizer):
     assert prompt == ids(tokenizer, template)
     assert reference == ids(tokenizer, "121\n\n")  # the chat template ends the turn with a newline
     assert isinstance(dataset[0]["chosen"], torch.Tensor)
+
+
+def test_default_run_logs_the_task_metric_before_and_after(dist_pool, tmp_path):
+    """Data-parallel (two ranks, each answering half the prompts) gives the one-process value, logged at both ends."""
+    from generation_workers import default_task_exact_match
+    from test_train_gpt_dpo import run_in_pool
+
+    records = run_in_pool(
+        dist_pool, tmp_path, "trainer.dpo.max_steps=2", "trainer.dpo.val_check_interval=2",
+        "trainer.dpo.limit_val_batches=1", "model.data.task_eval.num_prompts=24",
+        "exp_manager.create_checkpoint_callback=False", nproc=2,
+    )
+    task = [(r["step"], r["task/exact_match"]) for r in records if "task/exact_match" in r]
+    assert [step for step, _ in task] == [0, 2]
+    assert task[0][1] == dist_pool.run(1, default_task_exact_match, 24)[0]
+    assert all(0 <= value <= 1 and value * 24 == round(value * 24) for _, value in task)
+
+
+def test_task_eval_is_off_for_other_data_and_checked(tmp_path):
+    from omegaconf import OmegaConf
+
+    from nemo_dpo.training.task_eval import build_task_eval, check_task_eval
+
+    (tmp_path / "t.jsonl").write_text("")
+    data = {"data_prefix": {"train": str(tmp_path / "t.jsonl")}, "task_eval": {"enabled": None, "max_new_tokens": 8}}
+    assert build_task_eval(OmegaConf.create({"data": data}), None, None, None, None) is None
+    for key, value in (("max_new_tokens", 0), ("num_prompts", True), ("enabled", "yes")):
+        with pytest.raises(ValueError, match=f"model.data.task_eval.{key}="):
+            check_task_eval(OmegaConf.create({"task_eval": {"max_new_tokens": 8, key: value}}))
+    with pytest.raises(ValueError, match="needs prompts: validation data or task_eval.data_prefix"):
+        data["task_eval"]["enabled"] = True
+        build_task_eval(OmegaConf.create({"data": data}), None, None, None, None)
