@@ -126,6 +126,7 @@ def test_datasets_dict_folder_picks_the_split(tokenizer, tmp_path):
         ({"chosen": [user("1+1"), assistant("2")], "rejected": [user("1+1")]},
          "'rejected' has no messages after the 1 it shares"),
         ({"chosen": "1+1=2", "rejected": "1+1=3"}, "missing key(s) 'prompt'"),
+        ({"chosen": [], "rejected": []}, "'chosen' has no messages after the 0 it shares"),
         # Reward fields keep NeMo Aligner's names next to TRL's.
         ({"prompt": "1+1=", "chosen": "2", "rejected": "3", "chosen_reward": math.inf},
          "'chosen_reward' must be finite, got inf"),
@@ -273,3 +274,10 @@ def test_doc_commands(tmp_path, monkeypatch):
     assert dict(cfg.model.data.field_names) == {"prompt": "question", "chosen_response": "good",
                                                 "rejected_response": "bad", "chosen_reward": "chosen_reward",
                                                 "rejected_reward": "rejected_reward"}
+
+
+def test_equal_conversations_are_dropped_as_identical_pairs(tokenizer):
+    same = [user("1+1"), assistant("2\n")]
+    rows = [{"chosen": same, "rejected": list(same)}, {"chosen": same, "rejected": [user("1+1"), assistant("3\n")]}]
+    dataset = DPOModelDataset({"data": {}}, tokenizer, "train", None, None, rows, 64, seed=0)
+    assert (len(dataset), dataset.num_identical, dataset.indices) == (1, 1, [1])

@@ -67,7 +67,7 @@ def split_shared_prompt(chosen: list, rejected: list, where: str) -> tuple[list,
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    if shared == len(chosen) == len(rejected):
+    if 0 < shared == len(chosen) == len(rejected):
         shared -= 1
     for key, conversation in (("chosen", chosen), ("rejected", rejected)):
         if shared == len(conversation):
