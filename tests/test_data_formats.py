@@ -1,4 +1,4 @@
-"""Hugging Face TRL's preference layouts from JSONL, Parquet and datasets folders: same tokens as NeMo Aligner's JSONL."""
+"""Hugging Face TRL's preference layouts from JSONL, Parquet and datasets folders: NeMo Aligner's tokens."""
 
 import importlib
 import json
@@ -93,7 +93,8 @@ def test_trl_layouts_give_nemo_aligners_token_ids(tokenizer, tmp_path, form, con
 def test_custom_field_names_with_rewards(tokenizer, tmp_path):
     rows = [{"question": p, "good": c, "bad": r, "good_score": 2.0 + i, "bad_score": -1.0}
             for i, (p, c, r) in enumerate(PAIRS)]
-    nemo = [{**row, "chosen_reward": 2.0 + i, "rejected_reward": -1.0} for i, row in enumerate(nemo_rows(False, tokenizer))]
+    nemo = [{**row, "chosen_reward": 2.0 + i, "rejected_reward": -1.0}
+            for i, row in enumerate(nemo_rows(False, tokenizer))]
     names = {"prompt": "question", "chosen_response": "good", "rejected_response": "bad",
              "chosen_reward": "good_score", "rejected_reward": "bad_score"}
     got = items(tokenizer, write(rows, "parquet", tmp_path / "custom"), field_names=names)
@@ -148,7 +149,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, message, container):
 
 
 def test_field_names_are_checked():
-    with pytest.raises(ValueError, match="model.data.field_names: unknown key.s. chosen; valid: prompt, chosen_response"):
+    with pytest.raises(ValueError, match="field_names: unknown key.s. chosen; valid: prompt, chosen_response"):
         FieldNames.from_config({"chosen": "a"})
     with pytest.raises(ValueError, match=r"model.data.field_names.rejected_response=None must be a field name$"):
         FieldNames.from_config({"rejected_response": None})

@@ -55,9 +55,10 @@ class DPOModelDataset(Dataset):
     ``chosen_labels``/``rejected_labels`` (the ids with -100 on prompt and padding
     positions) and ``chosen_reward``/``rejected_reward``.
 
-    ``data`` is a list of records; when None it is read from ``data_prefix`` (a JSONL or
-    Parquet file, or a ``datasets`` folder: :func:`~nemo_dpo.data.sources.load_preference_records`). ``documents`` selects record indices (all when None). ``seed`` and
-    ``drop_last`` are kept for API parity: shuffling and batching are the samplers' job.
+    ``data`` is a list of records; when None it is read from ``data_prefix``, a JSONL or
+    Parquet file or a ``datasets`` folder (:func:`~nemo_dpo.data.sources.load_preference_records`).
+    ``documents`` selects record indices (all when None). ``seed`` and ``drop_last`` are
+    kept for API parity: shuffling and batching are the samplers' job.
 
     ``cfg.data`` keys: ``append_eod`` (append eos to each response; default False, as in
     NeMo Aligner), ``default_chosen_reward`` (1.0), ``default_rejected_reward`` (0.0),

@@ -60,9 +60,8 @@ def _next_tokens(model_chunks: list, rows: list[list[int]], vocab_size: int, pad
         output = model(batch.to(device), positions.to(device), None)
 
         def pick(logits):  # last stage: [rows, length, V/TP]
-            chosen = vocab_parallel_argmax(logits[torch.arange(len(rows), device=logits.device), last.to(logits.device)],
-                                           vocab_size)
-            return torch.zeros(()), {"next": chosen.cpu()}
+            at_last = logits[torch.arange(len(rows), device=logits.device), last.to(logits.device)]
+            return torch.zeros(()), {"next": vocab_parallel_argmax(at_last, vocab_size).cpu()}
 
         return output, pick
 
