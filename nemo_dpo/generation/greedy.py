@@ -7,7 +7,9 @@ runs megatron's forward-only pipeline schedule on one micro-batch, so pipeline
 stages exchange activations as in training; the last stage picks each row's
 next token (an argmax over the vocabulary, across tensor-parallel shards, ties
 to the lowest id, as ``torch.argmax``) and broadcasts it to the other stages.
-Sampling, beam search and stop strings are not supported.
+Memory: the model computes the logits of every position, ``batch_size x length
+x vocabulary/TP`` floats per forward; choose ``batch_size`` for that. Sampling,
+beam search and stop strings are not supported.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ from nemo_dpo.parallel.collectives import all_reduce
 
 __all__ = ["TaskExactMatch", "answer_ids", "exact_match", "line_end_ids", "prompt_and_reference"]
 
+# Bytes of fp32 logits one generation batch may hold: every position's logits exist at once
+# (megatron's GPTModel computes them all), so rows per batch shrink with length and vocabulary.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
 
 def line_end_ids(tokenizer) -> set[int]:
     """The ids that end an answer: eos and every token whose text holds a newline."""
@@ -78,8 +82,11 @@ class TaskExactMatch:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         share = self.pairs[dp_rank::dp_size]
+        longest = max((len(prompt) for prompt, _ in share), default=1) + self.max_new_tokens
+        shard = -(-self.vocab_size // parallel_state.get_tensor_model_parallel_world_size())
+        batch_size = max(1, LOGITS_BUDGET_BYTES // (4 * longest * shard))
         answers = greedy_generate(model_chunks, [prompt for prompt, _ in share], self.max_new_tokens,
-                                  self.vocab_size, self.ends) if share else []
+                                  self.vocab_size, self.ends, batch_size=batch_size) if share else []
         correct = sum(exact_match(answer, reference, self.tokenizer, self.ends)
                       for answer, (_, reference) in zip(answers, share))
         total = all_reduce(torch.tensor(float(correct), dtype=torch.float64),
