@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from nemo_dpo.data.records import PreferenceDataError, validate_record
+from nemo_dpo.data.formats import RecordFormat
+from nemo_dpo.data.records import LocatedRecords, PreferenceDataError
 
 __all__ = ["JsonlRecords", "load_jsonl"]
 
@@ -17,8 +18,8 @@ _BOM = b"\xef\xbb\xbf"
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class JsonlRecords(list):
-    """Records of one JSONL file that remember where each came from, for error messages.
+class JsonlRecords(LocatedRecords):
+    """Records of one JSONL file that remember the line each came from, for error messages.
 
     ``too_long_lines`` are the 1-based numbers of lines skipped for exceeding ``max_record_chars``.
     """
@@ -26,7 +27,7 @@ class JsonlRecords(list):
     def __init__(
         self, records: list[dict], path: str | Path, line_numbers: list[int], too_long_lines: list[int] | None = None
     ):
-        super().__init__(records)
+        super().__init__(records, str(path))
         self.path = str(path)
         self.line_numbers = line_numbers
         self.too_long_lines = too_long_lines or []
@@ -94,14 +95,19 @@ def _parse(text: str, where: str):
         raise PreferenceDataError(f"{where}: malformed JSON ({err})") from None
 
 
-def load_jsonl(path: str | Path, max_record_chars: int | None = None) -> JsonlRecords:
+def load_jsonl(
+    path: str | Path, max_record_chars: int | None = None, record_format: RecordFormat | None = None
+) -> JsonlRecords:
     """Read and validate a preference JSONL file; blank lines are skipped.
 
     Errors name the file and the 1-based line: malformed JSON, invalid UTF-8, missing keys,
     bad values. Lines longer than ``max_record_chars`` characters (None: no limit) are
     skipped unparsed and listed in ``too_long_lines``; memory stays bounded by that limit.
+    ``record_format`` maps each line to a NeMo Aligner record (default: NeMo Aligner's
+    names, TRL's detected; see :mod:`nemo_dpo.data.formats`).
     """
     path = Path(path)
+    record_format = RecordFormat() if record_format is None else record_format
     # A UTF-8 character takes at most 4 bytes, so a line within the character limit
     # always fits the byte limit; lines between the two are decoded and then measured.
     byte_limit = None if max_record_chars is None else 4 * max_record_chars
@@ -125,9 +131,7 @@ def load_jsonl(path: str | Path, max_record_chars: int | None = None) -> JsonlRe
             if max_record_chars is not None and len(text.rstrip("\r\n")) > max_record_chars:
                 too_long.append(line_number)
                 continue
-            record = _parse(text, where)
-            validate_record(record, where)
-            records.append(record)
+            records.append(record_format.to_record(_parse(text, where), where))
             line_numbers.append(line_number)
     if not records:
         skipped = (

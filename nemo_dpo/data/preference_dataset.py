@@ -1,9 +1,11 @@
-"""Preference pairs from JSONL: NeMo Aligner's ``DPOModelDataset`` format and item layout.
+"""Preference pairs: NeMo Aligner's ``DPOModelDataset`` format and item layout.
 
-Each JSONL line is ``{"prompt": ..., "chosen_response": ..., "rejected_response": ...}``
+Each record is ``{"prompt": ..., "chosen_response": ..., "rejected_response": ...}``
 with optional ``chosen_reward``/``rejected_reward`` (used by RPO losses). The prompt is
 either already formatted text (e.g. NeMo's ``<extra_id_0>System\\n\\n<extra_id_1>User\\n...``
 template) or a list of OpenAI-style messages rendered with the tokenizer's chat template.
+Records come from JSONL, Parquet or a ``datasets`` folder, in NeMo Aligner's or
+Hugging Face TRL's layout (:mod:`nemo_dpo.data.sources`, :mod:`nemo_dpo.data.formats`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nemo_dpo.data.formats import FieldNames, RecordFormat
 from nemo_dpo.data.jsonl import JsonlRecords, load_jsonl
-from nemo_dpo.data.records import PreferenceDataError, record_chars, validate_record
+from nemo_dpo.data.records import LocatedRecords, PreferenceDataError, record_chars, validate_record
+from nemo_dpo.data.sources import load_preference_records
 
 __all__ = [
     "DPOModelDataset",
@@ -51,9 +55,10 @@ class DPOModelDataset(Dataset):
     ``chosen_labels``/``rejected_labels`` (the ids with -100 on prompt and padding
     positions) and ``chosen_reward``/``rejected_reward``.
 
-    ``data`` is a list of records; when None it is read with :func:`load_jsonl` from
-    ``data_prefix``. ``documents`` selects record indices (all when None). ``seed`` and
-    ``drop_last`` are kept for API parity: shuffling and batching are the samplers' job.
+    ``data`` is a list of records; when None it is read from ``data_prefix``, a JSONL or
+    Parquet file or a ``datasets`` folder (:func:`~nemo_dpo.data.sources.load_preference_records`).
+    ``documents`` selects record indices (all when None). ``seed`` and ``drop_last`` are
+    kept for API parity: shuffling and batching are the samplers' job.
 
     ``cfg.data`` keys: ``append_eod`` (append eos to each response; default False, as in
     NeMo Aligner), ``default_chosen_reward`` (1.0), ``default_rejected_reward`` (0.0),
@@ -64,6 +69,9 @@ class DPOModelDataset(Dataset):
     truncation) carry no preference and are dropped (``num_identical``). ``max_record_chars``
     (None: 64 characters per token of ``seq_length``) bounds a record's length: longer
     file lines are skipped unparsed, longer records untokenised (``num_too_long``).
+    ``field_names`` maps the fields of the data to NeMo Aligner's record keys (default:
+    NeMo Aligner's names, with Hugging Face TRL's ``prompt``/``chosen``/``rejected``
+    detected; see :mod:`nemo_dpo.data.formats`); it applies to ``data`` given in memory too.
     ``indices`` maps each dataset index to its record index.
     """
 
@@ -106,7 +114,16 @@ class DPOModelDataset(Dataset):
             raise ValueError(f"cfg.data.max_record_chars must be a positive integer or null, got {max_chars!r}")
         self.max_record_chars = CHARS_PER_TOKEN * seq_length if max_chars is None else max_chars
 
-        self.data = load_jsonl(data_prefix, self.max_record_chars) if data is None else data
+        field_names = FieldNames.from_config(data_cfg.get("field_names"))
+        if data is None:
+            self.data = load_preference_records(data_prefix, name, self.max_record_chars, field_names)
+        elif isinstance(data, LocatedRecords):
+            self.data = data  # already read (and mapped) by a reader
+        else:
+            record_format = RecordFormat(field_names)
+            self.data = LocatedRecords(
+                [record_format.to_record(row, f"{name}, record {i}") for i, row in enumerate(data)], name
+            )
         documents = np.arange(len(self.data)) if documents is None else np.asarray(documents)
         if not len(documents):
             raise PreferenceDataError(f"{name}: no records")
@@ -117,14 +134,13 @@ class DPOModelDataset(Dataset):
         self._tokenize(documents)
 
     def _where(self, index: int) -> str:
-        if isinstance(self.data, JsonlRecords):
-            return self.data.where(index)
-        return f"{self.name}, record {index}"
+        return self.data.where(index)
 
     def _response_text(self, messages: list[dict], prompt_text: str, response: Any, where: str) -> str:
         if isinstance(response, str):
             response = {"role": "assistant", "content": response}
-        full = self.tokenizer.apply_chat_template(messages + [response])
+        # One assistant message (NeMo Aligner) or a list of messages (TRL's conversational form).
+        full = self.tokenizer.apply_chat_template(messages + (response if isinstance(response, list) else [response]))
         # The response is whatever the template adds after the generation prompt
         # (its text plus the template's end-of-turn markers).
         if not full.startswith(prompt_text):

@@ -19,6 +19,7 @@ from nemo_dpo.data import (
     build_dataloader,
     split_data_prefix,
 )
+from nemo_dpo.data.formats import NEMO_FIELD_NAMES, FieldNames
 from nemo_dpo.parallel.collectives import is_rank0
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,14 @@ DATA_IMPLS = ("jsonl", "packed_jsonl")
 
 
 def check_data_impl(data_cfg: DictConfig) -> None:
-    """Refuse a ``model.data.data_impl`` the dataset builder cannot read."""
+    """Refuse a ``model.data.data_impl`` the dataset builder cannot read, and ``field_names`` it would not use."""
     impl = data_cfg.get("data_impl", "jsonl")
-    if impl in DATA_IMPLS:
-        return
-    raise ValueError(f"model.data.data_impl={impl!r} is not supported; valid values: {list(DATA_IMPLS)}")
+    if impl not in DATA_IMPLS:
+        raise ValueError(f"model.data.data_impl={impl!r} is not supported; valid values: {list(DATA_IMPLS)}")
+    field_names = FieldNames.from_config(data_cfg.get("field_names"))
+    if impl == "packed_jsonl" and field_names != NEMO_FIELD_NAMES:
+        raise ValueError("model.data.field_names names the fields of preference records; packed .npy files "
+                         "(data_impl=packed_jsonl) hold token ids: leave it at its default")
 
 
 def build_dataset(model_cfg: DictConfig, tokenizer, split: str) -> DPOModelDataset | BlendedDataset | None:

@@ -25,6 +25,7 @@ from nemo_dpo.training.experiment import (
 )
 from nemo_dpo.training.model import check_peft, load_pretrained_model
 from nemo_dpo.training.ref_cache import build_ref_logprob_cache
+from nemo_dpo.training.task_eval import build_task_eval, check_task_eval
 from nemo_dpo.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def check_run_config(cfg: DictConfig) -> None:
     check_launch_size(cfg.trainer)
     check_peft(cfg.model)
     check_loggers(cfg.exp_manager)
+    check_task_eval(cfg.model.data)
 
 
 def start_parallel(model_cfg: DictConfig) -> None:
@@ -115,7 +117,9 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
 
     ckpt_callback = build_checkpoint_callback(exp, log_dir, model, optimizer, scheduler, model_cfg, tokenizer_dir)
     logger = build_logger(exp, log_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
-    trainer = build_trainer(cfg, model, tokenizer, optimizer, scheduler, train_dl, val_dl, logger, ckpt_callback)
+    task_eval = build_task_eval(model_cfg, model, tokenizer, val_ds, logger)  # None when model.data.task_eval is off
+    trainer = build_trainer(cfg, model, tokenizer, optimizer, scheduler, train_dl, val_dl,
+                            logger if task_eval is None else task_eval.logger, ckpt_callback)
     if resume_from:
         trainer.load_state_dict(trainer_state)
     if ref_logprob_cache is not None:
@@ -125,12 +129,18 @@ def train(cfg: DictConfig, model_cls=None) -> Path:
         if resume_from:
             print(f"resuming from {resume_from} at step {trainer.step} of {trainer.max_steps}", flush=True)
     try:
+        if task_eval is not None:
+            task_eval.measure(trainer.step)
         trainer.fit()
+        if task_eval is not None:
+            task_eval.measure(trainer.step)
     finally:
         # fit() leaves the metrics file (and TensorBoard's writer thread) open when it stops early;
         # finalizing also draws the curves (rank 0).
         logger.finalize()
     if is_rank0():
+        if task_eval is not None:
+            print(task_eval.summary(), flush=True)
         print(f"metrics: {log_dir / 'metrics.jsonl'}  checkpoints: {log_dir / 'checkpoints'}", flush=True)
         if logger.curves:
             print(f"curves: {log_dir}/curve_*.png ({len(logger.curves)} files)", flush=True)
