@@ -22,7 +22,7 @@ from run_files import jsonl_metrics, tensorboard_metrics, wandb_offline_metrics
 REPO = Path(__file__).resolve().parent.parent
 # Three steps on small batches, validating once on one batch.
 SHORT = ["trainer.dpo.max_steps=3", "trainer.dpo.val_check_interval=3", "trainer.dpo.limit_val_batches=1",
-         "model.global_batch_size=8", "model.micro_batch_size=4"]
+         "model.global_batch_size=8", "model.micro_batch_size=4", "model.data.task_eval.num_prompts=16"]
 
 
 def test_the_packaged_config_is_the_top_level_config():
@@ -84,7 +84,9 @@ def installed_run(installed, tmp_path_factory) -> dict:
 def test_installed_command_trains_and_writes_metrics_checkpoint_and_curves(installed_run):
     log_dir = installed_run["log_dir"]
     metrics = jsonl_metrics(log_dir)
-    assert sorted(metrics) == [1, 2, 3] and "val/loss" in metrics[3] and "train/loss" in metrics[1]
+    assert sorted(metrics) == [0, 1, 2, 3] and "val/loss" in metrics[3] and "train/loss" in metrics[1]
+    # The embedded default's task metric, before and after training.
+    assert "task/exact_match" in metrics[0] and "task/exact_match" in metrics[3]
     checkpoints = sorted((log_dir / "checkpoints").iterdir())
     assert [p.name for p in checkpoints][0] == "final_model" and len(checkpoints) == 2
     assert "step=3" in checkpoints[1].name and all(is_complete(p) for p in checkpoints)

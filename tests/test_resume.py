@@ -133,7 +133,8 @@ def test_resume_on_another_layout(dist_pool, uninterrupted, tmp_path):
 
     Up to the save the saving run agrees with the single-process one (layouts agree in
     fp32); later, reduction-order noise compounds step by step (1.6e-5 by step 8), so
-    the resumed runs are held to the run they continue, more tightly.
+    the resumed runs are held to the run they continue, more tightly (2e-6: packed rows
+    are padded to another length at PP=2, so the matrix products round differently).
     """
     saved = tmp_path / "tp2"
     # Only the step-4 checkpoint is resumed from: saving every step would add nothing.
@@ -150,7 +151,8 @@ def test_resume_on_another_layout(dist_pool, uninterrupted, tmp_path):
         got = losses_by_step(run_in_pool(dist_pool, tmp_path / name, *RESUME_ONLY, layout, nproc=nproc))
         assert sorted(got) == [5, 6, 7, 8]
         for step in got:
-            assert got[step] == pytest.approx(saving_run[step], abs=1e-6), (name, step)
+            assert got[step] == pytest.approx(saving_run[step], abs=2e-6), (name, step)
+
 
 def test_save_top_k_keeps_best_two_and_newest(dist_pool, tmp_path):
     records = run_in_pool(dist_pool, tmp_path, "trainer.dpo.max_steps=6", "trainer.dpo.save_interval=1",
@@ -310,4 +312,5 @@ def test_sharded_optimizer_resumes_at_other_data_and_tensor_parallel_sizes(dist_
         got = losses_by_step(run_in_pool(dist_pool, tmp_path / name, *RESUME_ONLY, sharded, layout, nproc=nproc))
         assert sorted(got) == [5, 6, 7, 8]
         for step in got:
-            assert got[step] == pytest.approx(saving_run[step], abs=1e-6), (name, step)
+            assert got[step] == pytest.approx(saving_run[step], abs=2e-6), (name, step)
+

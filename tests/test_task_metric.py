@@ -73,7 +73,7 @@ def test_default_run_logs_the_task_metric_before_and_after(dist_pool, tmp_path):
 
     records = run_in_pool(
         dist_pool, tmp_path, "trainer.dpo.max_steps=2", "trainer.dpo.val_check_interval=2",
-        "trainer.dpo.limit_val_batches=1", "model.data.task_eval.num_prompts=24",
+        "trainer.dpo.limit_val_batches=1", "model.data.task_eval.num_prompts=24", "model.data.task_eval.enabled=true",
         "exp_manager.create_checkpoint_callback=False", nproc=2,
     )
     task = [(r["step"], r["task/exact_match"]) for r in records if "task/exact_match" in r]

@@ -24,8 +24,12 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def train_job(log_dir: str, overrides: list[str]) -> list[dict] | None:
     """What ``python examples/train_gpt_dpo.py exp_manager.explicit_log_dir=<log_dir> *overrides`` logs (rank 0)."""
-    # Pictures cost a second or two per run; tests/test_cli.py and test_plotting.py check them.
-    cfg = compose_config([f"exp_manager.explicit_log_dir={log_dir}", "exp_manager.create_curves=False", *overrides])
+    # Pictures cost a second or two per run, the default data's task metric a few more; tests/test_cli.py,
+    # test_plotting.py and test_task_metric.py check them.
+    quick = ["exp_manager.create_curves=False"]
+    if not any(o.startswith("model.data.task_eval") for o in overrides):
+        quick.append("model.data.task_eval.enabled=false")
+    cfg = compose_config([f"exp_manager.explicit_log_dir={log_dir}", *quick, *overrides])
     log_dir = train(cfg)
     return read_metrics(log_dir) if is_rank0() else None
 

@@ -426,7 +426,7 @@ class MegatronGPTDPOModel:
                         optional[i], optional[len(names) + i] = float(metrics[name]) * pairs, pairs
                 return loss if loss_scale is None else loss * loss_scale(pairs), {
                     "pairs": pairs,
-                    "sums": torch.stack([loss, preference_loss, sft_loss, acc]).detach() * pairs,
+                    "sums": torch.stack([loss, preference_loss, sft_loss, acc]).detach().double() * pairs,
                     "optional": optional,
                     "logratios": logratios.detach(),
                 }
@@ -697,7 +697,8 @@ class MegatronGPTDPOModel:
             metrics.update({f"loss_{name}": value.detach().float().mean() for name, value in output.terms.items()})
             metrics.update(logps_metrics(inputs))
         chosen, rejected = split_chosen_rejected(logratios)
-        return output.loss.mean(0).float(), preference_accuracy(chosen, rejected)
+        # The mean in float64: k equal per-pair values average to exactly that value (ln 2 at step 0).
+        return output.loss.double().mean(0).float(), preference_accuracy(chosen, rejected)
 
     def _reference_sums(self, policy, logratios, logratios_averaged: bool, compute):
         """Per-sequence reference log-probs for the loss inputs; None for a reference-free loss.
