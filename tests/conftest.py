@@ -1,3 +1,4 @@
+import multiprocessing.util
 import os
 import tempfile
 import warnings
@@ -20,7 +21,9 @@ def _private_temp_dir(tmp_path_factory):
     megatron-core imports wandb when it is installed, and wandb makes temporary folders at
     import that only a normal interpreter exit removes; the pool's workers end without one.
     """
-    tmp_path_factory.getbasetemp()  # pytest's own folder stays where pytest keeps it
+    # pytest's folder and this process's multiprocessing folder stay where they are removed at exit.
+    tmp_path_factory.getbasetemp()
+    multiprocessing.util.get_temp_dir()
     previous = os.environ.get("TMPDIR")
     with tempfile.TemporaryDirectory(prefix="nemo_dpo_tests_") as folder:
         os.environ["TMPDIR"] = folder
