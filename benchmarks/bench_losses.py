@@ -78,13 +78,14 @@ def _finite(value) -> bool:
 def read_metrics(path: Path) -> dict:
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line, parse_constant=lambda c: float(c.lower().replace("infinity", "inf"))))
-                except json.JSONDecodeError:
-                    pass
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line, parse_constant=lambda c: float(c.lower().replace("infinity", "inf"))))
+            except json.JSONDecodeError:
+                # A run stopped by --timeout may leave its last record half written; anything else is a bug.
+                if number != len(lines):
+                    raise
     train_rows = [r for r in rows if "train/loss" in r]
     val_rows = [r for r in rows if any(k.startswith("val") for k in r)]
     non_finite = any(

@@ -1,6 +1,5 @@
 """NeMo Aligner's packed DPO ``.npy`` files: safe reading, the format field by field, training on them."""
 
-import json
 import pickle
 from pathlib import Path
 
@@ -149,8 +148,8 @@ def test_rejected_not_following_its_chosen_is_refused(tmp_path, packed_file):
     b = pack["seq_boundaries"]  # swap the first pair's rejected with the second pair's chosen
     seqs = [pack["input_ids"][s:e] for s, e in zip(b, b[1:])]
     prompt = pack["labels"].index(next(t for t in pack["labels"] if t != -100))
-    if seqs[0][:prompt] == seqs[2][:prompt]:
-        pytest.skip("the first two pairs share their prompt")
+    # Swapping must change the pack: the fixture's first two pairs have different prompts.
+    assert seqs[0][:prompt] != seqs[2][:prompt]
     labels = [pack["labels"][s:e] for s, e in zip(b, b[1:])]
     order = [0, 2, 1, 3] + list(range(4, len(seqs)))
     pack["input_ids"] = [t for i in order for t in seqs[i]]

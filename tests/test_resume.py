@@ -289,7 +289,7 @@ def test_bad_trainer_state_values_are_named(uninterrupted_run, tmp_path):
                                      f"integer, got {value!r}")
         path.write_text(json.dumps(state))
     path.write_text(path.read_text()[:10])
-    with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*: trainer_state.json: JSONDecodeError"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*: trainer_state.json: JSONDecodeError"):
         read_trainer_state(newest)
     assert read_trainer_state(find_resume_checkpoint(checkpoints))["step"] == STEPS - 1
 
