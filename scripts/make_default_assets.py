@@ -8,10 +8,13 @@ Deterministic (fixed seeds, one process, one thread). Steps:
    plus ``<s> </s> <unk> <extra_id_0> <extra_id_1>``) with a NeMo-style chat
    template: ``<extra_id_1>User\\n...\\n<extra_id_1>Assistant\\n``.
 2. Supervised training of a small GPT on "a+b" questions answered in that chat
-   format, on part of the 0..99 x 0..99 facts, for a fixed number of steps: it
-   learns some arithmetic, imperfectly.
-3. Preference pairs on other facts: the correct sum as ``chosen_response`` and a
-   plausible wrong one (a digit off by one, a dropped carry) as ``rejected_response``.
+   format, on part of the 0..99 x 0..99 facts. The demonstrations are flawed in one
+   systematic way: where the units carry, most of them (``--carry-drop``) write the
+   sum without the carry (``38+45`` -> ``73``), so the model learns to drop it.
+3. Preference pairs on other facts: the correct sum as ``chosen_response``; as
+   ``rejected_response`` the mistake the model was taught (the dropped carry) where
+   the units carry, else a digit off by one. DPO on them should unlearn the flaw:
+   the default run's task metric (greedy exact match on held-out sums) shows it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from nemo_dpo.checkpoint.pretrained import save_pretrained
 from nemo_dpo.data.tokenizer import load_tokenizer
@@ -60,6 +63,7 @@ def build_tokenizer(folder: Path) -> None:
     vocab["\n"] = len(vocab)
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters decode joined, not space-separated
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
@@ -71,13 +75,23 @@ def question(a: int, b: int) -> list[dict]:
     return [{"role": "user", "content": f"{a}+{b}"}]
 
 
+def carries(a: int, b: int) -> bool:
+    return (a % 10) + (b % 10) >= 10
+
+
 def wrong_answer(a: int, b: int, rng: random.Random) -> int:
-    """A plausible mistake: one digit off by one, or the carry dropped."""
+    """The taught mistake where the units carry (the carry dropped), else one digit off by one."""
     right = a + b
-    candidates = {right + 1, right - 1, right + 10, right - 10}
-    if (a % 10) + (b % 10) >= 10:
-        candidates.add(right - 10)  # forgot the carry
-    return rng.choice(sorted(c for c in candidates if c >= 0 and c != right))
+    if carries(a, b):
+        return right - 10
+    return rng.choice(sorted(c for c in (right + 1, right - 1, right + 10, right - 10) if c >= 0))
+
+
+def response(tokenizer, a: int, b: int, answer: int) -> list[int]:
+    """The answer's ids as the chat template renders an assistant turn (``"73\n"``), then eos."""
+    prompt = tokenizer.apply_chat_template(question(a, b), add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(question(a, b) + [{"role": "assistant", "content": str(answer)}])
+    return tokenizer.text_to_ids(full[len(prompt):]) + [tokenizer.eos_id]
 
 
 def split_facts(rng: random.Random):
@@ -86,28 +100,29 @@ def split_facts(rng: random.Random):
     return facts[:5000], facts[5000:9600], facts[9600:]  # SFT, DPO train, DPO validation
 
 
-def sft_batches(tokenizer, facts, rng: random.Random, batch_size: int):
-    """Endless batches of chat-formatted questions with answer-only loss masks."""
+def sft_batches(tokenizer, facts, rng: random.Random, batch_size: int, carry_drop: float):
+    """Endless batches of chat-formatted questions with answer-only loss masks (``carry_drop``: see the module)."""
     while True:
         tokens = torch.full((batch_size, SEQ + 1), tokenizer.eos_id)
         mask = torch.zeros(batch_size, SEQ, dtype=torch.bool)
         for row in range(batch_size):
             a, b = rng.choice(facts)
             prompt = tokenizer.text_to_ids(tokenizer.apply_chat_template(question(a, b), add_generation_prompt=True))
-            answer = tokenizer.text_to_ids(f"{a + b}\n") + [tokenizer.eos_id]
+            dropped = carries(a, b) and rng.random() < carry_drop
+            answer = response(tokenizer, a, b, a + b - 10 if dropped else a + b)
             ids = prompt + answer
             tokens[row, : len(ids)] = torch.tensor(ids)
             mask[row, len(prompt) - 1 : len(ids) - 1] = True  # positions predicting the answer
         yield tokens, mask
 
 
-def train_sft(tokenizer, facts, steps: int, rng: random.Random):
+def train_sft(tokenizer, facts, steps: int, rng: random.Random, carry_drop: float):
     cfg = OmegaConf.create(MODEL)
     settings = OptimizerSettings.from_config({"name": "adamw", "lr": 2e-3, "weight_decay": 0.01, "betas": [0.9, 0.98]})
     chunks = wrap_data_parallel(build_gpt_model(cfg, tokenizer.vocab_size, seed=0), settings.ddp_config())
     optimizer = MegatronAdamW(chunks, settings)
     scheduler = CosineAnnealing(optimizer.optimizer, max_steps=steps, min_lr=1e-4, warmup_steps=100)
-    batches = sft_batches(tokenizer, facts, rng, batch_size=64)
+    batches = sft_batches(tokenizer, facts, rng, batch_size=64, carry_drop=carry_drop)
     vocab = tokenizer.vocab_size
 
     def forward_step(data_iterator, model):
@@ -138,8 +153,8 @@ def write_pairs(path: Path, facts, rng: random.Random) -> None:
         for a, b in facts:
             record = {
                 "prompt": question(a, b),
-                "chosen_response": f"{a + b}\n",
-                "rejected_response": f"{wrong_answer(a, b, rng)}\n",
+                "chosen_response": str(a + b),  # the template ends the turn with a newline
+                "rejected_response": str(wrong_answer(a, b, rng)),
             }
             out.write(json.dumps(record) + "\n")
 
@@ -147,6 +162,8 @@ def write_pairs(path: Path, facts, rng: random.Random) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--carry-drop", type=float, default=0.7,
+                        help="share of SFT demonstrations with a units carry that drop it")
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -157,7 +174,7 @@ def main() -> None:
     build_tokenizer(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     sft_facts, dpo_train, dpo_val = split_facts(rng)
-    chunks, cfg = train_sft(tokenizer, sft_facts, args.steps, rng)
+    chunks, cfg = train_sft(tokenizer, sft_facts, args.steps, rng, args.carry_drop)
     save_pretrained(chunks, cfg, tokenizer_dir, args.out / "default_model")
     data_dir = args.out / "default_data"
     data_dir.mkdir(parents=True, exist_ok=True)
