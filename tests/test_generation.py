@@ -48,8 +48,9 @@ def test_greedy_matches_transformers(dist_pool, prompts, tokenizer, transformers
     # batch_size 4: two batches, the second shorter.
     results = dist_pool.run(tp * pp, default_model_greedy, tp, pp, prompts, MAX_NEW, [tokenizer.eos_id], sp, 4)
     assert all(result == transformers_greedy for result in results)  # the same on every rank
-    # The trained model answers sums: "17+25" -> "42\n" then eos.
-    assert results[0][1] == tokenizer.text_to_ids("42\n") + [tokenizer.eos_id]
+    # The supervised model adds, and drops the units carry as its demonstrations taught it ("17+25" -> "32").
+    assert results[0][0] == tokenizer.text_to_ids("7\n") + [tokenizer.eos_id]
+    assert results[0][1] == tokenizer.text_to_ids("32\n") + [tokenizer.eos_id]
     assert max(map(len, results[0])) == MAX_NEW  # the non-chat prompt runs to the limit
 
 

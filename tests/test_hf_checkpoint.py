@@ -266,8 +266,8 @@ def test_embedded_default_model_exports_to_transformers(dist_pool, tmp_path):
     from nemo_dpo.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(DEFAULT_MODEL_DIR / "tokenizer")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "17+25"}], add_generation_prompt=True)
-    tokens = torch.tensor([tokenizer.text_to_ids(prompt + "42\n")])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "23+45"}], add_generation_prompt=True)
+    tokens = torch.tensor([tokenizer.text_to_ids(prompt + "68\n")])
     ours = dist_pool.run(1, default_model_logits, tokens)[0]
     out = tmp_path / "default_hf"
     dist_pool.run(2, run_export_cli, ["--checkpoint", str(DEFAULT_MODEL_DIR), "--out", str(out), "--tp", "2"])
@@ -277,6 +277,6 @@ def test_embedded_default_model_exports_to_transformers(dist_pool, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(hf_logits(model, tokens), ours, atol=1e-5, rtol=0)
     # It learned to add: the answer's tokens are its greedy choices in transformers too.
-    answer = tokenizer.text_to_ids("42")
+    answer = tokenizer.text_to_ids("68")
     start = len(tokenizer.text_to_ids(prompt))
     assert hf_logits(model, tokens)[0, start - 1:start - 1 + len(answer)].argmax(-1).tolist() == answer

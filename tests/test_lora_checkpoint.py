@@ -102,7 +102,9 @@ def test_lora_from_hf_folder_exports_merged_and_peft_folders_that_agree(dist_poo
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")(tokens).logits.detach()
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits.detach()
     assert (adapted - base_logits).abs().max() > 1e-3  # the trained adapters change the model
-    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    # Merged (W + sBA) and separate (Wx + sB(Ax)) round differently in fp32: 2e-6 of the logits'
+    # scale measured (3e-5 on logits up to 17), against an adapter effect of 2.4.
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5 * adapted.abs().max().item())
 
 
 def test_restore_from_path_starts_from_the_saved_adapters(dist_pool, saved_at_tp2, tmp_path):

@@ -99,18 +99,21 @@ def test_torchrun_two_processes_matches_single_process(single_process, tmp_path)
 
 @pytest.mark.slow
 def test_default_run_learns_the_preference(dist_pool, tmp_path):
-    """A shortened default run: validation accuracy rises from 0 and the reward margin grows."""
+    """A shortened default run: the preference is learned and the taught mistake unlearned."""
     # Data-parallel over both cores (the same global batches, so the same run as one process).
     records = run_in_pool(
         dist_pool, tmp_path, "trainer.dpo.max_steps=60", "trainer.dpo.val_check_interval=30",
-        "trainer.dpo.limit_val_batches=4", "exp_manager.create_checkpoint_callback=False", nproc=2,
+        "trainer.dpo.limit_val_batches=4", "exp_manager.create_checkpoint_callback=False",
+        "model.data.task_eval.enabled=true", "model.data.task_eval.num_prompts=100", nproc=2,
     )
     assert series(records, "train/acc")[0] == 0.0
-    val_acc = series(records, "val/acc")
+    val_loss, val_acc = series(records, "val/loss"), series(records, "val/acc")
     margins = [c - r for c, r in zip(series(records, "val/rewards_chosen_mean"), series(records, "val/rewards_rejected_mean"))]
-    # The full default run (120 steps, all 400 validation pairs) reaches ~0.98.
-    assert val_acc[-1] >= 0.8 and val_acc[-1] > val_acc[0] > 0.0, val_acc
+    assert val_loss[-1] < val_loss[0] < LN2_FP32 and min(val_acc) >= 0.7, (val_loss, val_acc)
     assert margins[-1] > margins[0] > 0, margins
+    # Greedy answers to held-out sums: the model drops the carry less (full run: 0.530 -> 0.948).
+    before, after = series(records, "task/exact_match")
+    assert after >= before + 0.25, (before, after)
 
 
 @pytest.mark.slow
