@@ -5,7 +5,8 @@ subprocess of this script (a crash or NaN in one run does not stop the others,
 and no memory carries over), one after another, each in a temporary log folder
 that is removed afterwards. From each run's ``metrics.jsonl``: the final train
 loss, whether any train loss or grad norm was NaN/inf, validation accuracy and
-loss at the last step, and wall seconds.
+loss at the last step, the task metric (``task/exact_match``: greedy answers to
+the 400 held-out sums) before and after training, and wall seconds.
 
     python benchmarks/bench_losses.py                       # every loss, 30 steps
     python benchmarks/bench_losses.py --losses dpo ipo sft  # a subset
@@ -99,6 +100,7 @@ def read_metrics(path: Path) -> dict:
         "val_step": None,
         "val_acc": None,
         "val_loss": None,
+        "task_exact_match": [r["task/exact_match"] for r in rows if "task/exact_match" in r],
     }
     if val_rows:
         last = val_rows[-1]
@@ -154,14 +156,16 @@ def _fmt(value, digits=3) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| loss | setting | status | final train loss | NaN/inf | val acc (step) | val loss | s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| loss | setting | status | final train loss | NaN/inf | val acc (step) | val loss | exact match | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         setting = ", ".join(s.split(".", 2)[-1] for s in r["settings"]
                             if not s.startswith("model.dpo.preference_loss=")) or "default"
         val_acc = "-" if r["val_acc"] is None else f"{r['val_acc']:.3f} ({r['val_step']})"
+        task = " -> ".join(f"{value:.3f}" for value in r["task_exact_match"]) or "-"
         lines.append(f"| `{r['loss']}` | {setting} | {status_of(r)} | {_fmt(r['final_train_loss'], 4)} "
-                     f"| {'yes' if r['nan_or_inf'] else 'no'} | {val_acc} | {_fmt(r['val_loss'], 4)} | {r['seconds']:.0f} |")
+                     f"| {'yes' if r['nan_or_inf'] else 'no'} | {val_acc} | {_fmt(r['val_loss'], 4)} | {task} "
+                     f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
