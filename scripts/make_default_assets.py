@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from pathlib import Path
 
@@ -169,15 +170,18 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = random.Random(0)
     initialize_parallel(ParallelLayout(1, 1), seed=0)
+    # Relative paths from here on: torch's checkpoint metadata records the folder it was
+    # saved to, and the assets must not carry the path of the machine that built them.
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.out)
 
-    tokenizer_dir = args.out / "default_model" / "tokenizer"
-    build_tokenizer(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    model_dir, data_dir = Path("default_model"), Path("default_data")
+    build_tokenizer(model_dir / "tokenizer")
+    tokenizer = load_tokenizer(model_dir / "tokenizer")
     sft_facts, dpo_train, dpo_val = split_facts(rng)
     chunks, cfg = train_sft(tokenizer, sft_facts, args.steps, rng, args.carry_drop)
-    save_pretrained(chunks, cfg, tokenizer_dir, args.out / "default_model")
-    data_dir = args.out / "default_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    save_pretrained(chunks, cfg, model_dir / "tokenizer", model_dir)
+    data_dir.mkdir(exist_ok=True)
     write_pairs(data_dir / "train.jsonl", dpo_train, rng)
     write_pairs(data_dir / "validation.jsonl", dpo_val, rng)
     destroy_parallel()
