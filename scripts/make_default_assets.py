@@ -89,7 +89,7 @@ def wrong_answer(a: int, b: int, rng: random.Random) -> int:
 
 
 def response(tokenizer, a: int, b: int, answer: int) -> list[int]:
-    """The answer's ids as the chat template renders an assistant turn (``"73\n"``), then eos."""
+    """The answer's ids as the chat template renders an assistant turn (``"73\\n"``), then eos."""
     prompt = tokenizer.apply_chat_template(question(a, b), add_generation_prompt=True)
     full = tokenizer.apply_chat_template(question(a, b) + [{"role": "assistant", "content": str(answer)}])
     return tokenizer.text_to_ids(full[len(prompt):]) + [tokenizer.eos_id]
