@@ -78,7 +78,8 @@ def installed_run(installed, tmp_path_factory) -> dict:
                              f"model.tokenizer.path={tokenizer}"], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"log_dir": workdir / "results" / "gpt_dpo", "temp_dir": temp_dir, "stderr": result.stderr}
+    return {"log_dir": workdir / "results" / "gpt_dpo", "temp_dir": temp_dir, "stderr": result.stderr,
+            "stdout": result.stdout}
 
 
 def test_installed_command_trains_and_writes_metrics_checkpoint_and_curves(installed_run):
@@ -86,7 +87,10 @@ def test_installed_command_trains_and_writes_metrics_checkpoint_and_curves(insta
     metrics = jsonl_metrics(log_dir)
     assert sorted(metrics) == [0, 1, 2, 3] and "val/loss" in metrics[3] and "train/loss" in metrics[1]
     # The embedded default's task metric, before and after training.
-    assert "task/exact_match" in metrics[0] and "task/exact_match" in metrics[3]
+    before, after = metrics[0]["task/exact_match"], metrics[3]["task/exact_match"]
+    # ... and printed at the end, with the values logged.
+    assert (f"task/exact_match (greedy answers to 16 held-out prompts): {before:.3f} before training, "
+            f"{after:.3f} after; preference accuracy (val/acc) {metrics[3]['val/acc']:.3f}") in installed_run["stdout"]
     checkpoints = sorted((log_dir / "checkpoints").iterdir())
     assert [p.name for p in checkpoints][0] == "final_model" and len(checkpoints) == 2
     assert "step=3" in checkpoints[1].name and all(is_complete(p) for p in checkpoints)
